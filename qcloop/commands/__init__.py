@@ -1,0 +1,1 @@
+"""Sub-commands of the ``qcloop`` CLI, one module each (see qcloop.cli)."""

@@ -1,0 +1,142 @@
+"""Prometheus metrics of the daemon, all in one :class:`prometheus_client.CollectorRegistry`.
+
+Labels are bounded: stage names, particle classes, batch-metric names, error kinds. File
+names and batch ids are never labels (they are in the MQTT messages instead).
+
+Metric names (the Grafana dashboard in ``deploy/grafana`` queries these; a test checks that
+every name it uses exists on the live endpoint):
+
+=========================================  ==========================================
+qcloop_info{version, config_hash, line_id}  build/config info (value 1)
+qcloop_up                                   1 while the worker loop runs
+qcloop_images_processed_total               images analysed and recorded
+qcloop_images_failed_total                  analysis raised an unexpected error
+qcloop_images_quarantined_total             unreadable / corrupt / poison images
+qcloop_images_duplicate_total               events for files already in the ledger
+qcloop_particles_total{class}               particles found, by class
+qcloop_stage_seconds{stage}                 histogram: load, segment, lobes, measure, ...
+qcloop_image_seconds                        histogram: whole analysis of one image
+qcloop_queue_wait_seconds                   histogram: settled → analysis starts
+qcloop_queue_depth                          files settling + queued for the worker
+qcloop_batches_closed_total{verdict}        pass / fail / insufficient / error
+qcloop_batch_metric{metric, class}          latest closed batch (see split_metric_name)
+qcloop_batch_passed                         latest closed batch verdict (1 pass, 0 fail)
+qcloop_batch_particles                      particles in the latest closed batch
+qcloop_batch_images                         images in the latest closed batch
+qcloop_batch_closed_timestamp_seconds       when the latest batch closed
+qcloop_mqtt_connected                       1 after CONNACK success, 0 otherwise
+qcloop_mqtt_published_total                 messages acknowledged by the broker
+qcloop_mqtt_rejected_total                  messages the broker refused (PUBACK >= 0x80)
+qcloop_outbox_messages                      messages waiting for a PUBACK
+qcloop_errors_total{kind}                   error events, by kind
+=========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# stage latencies from 50 ms (tiny image, classical) to 10 min (SAM auto mode on CPU)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                   600.0, float("inf"))
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                float("inf"))
+
+
+
+class DaemonMetrics:
+    """Every metric the daemon exports, registered in ``registry``.
+
+    Parameters
+    ----------
+    registry : CollectorRegistry
+        Tests pass a fresh one; the daemon builds its own (never the global default).
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        r = registry
+        self.info = Gauge("qcloop_info", "qcloop version and configuration hash",
+                          ["version", "config_hash", "line_id"], registry=r)
+        self.up = Gauge("qcloop_up", "1 while the daemon's worker loop runs", registry=r)
+        self.images_processed = Counter("qcloop_images_processed", "Images analysed and recorded",
+                                        registry=r)
+        self.images_failed = Counter("qcloop_images_failed",
+                                     "Images whose analysis raised an unexpected error", registry=r)
+        self.images_quarantined = Counter("qcloop_images_quarantined",
+                                          "Unreadable, corrupt or poison images moved to quarantine",
+                                          registry=r)
+        self.images_duplicate = Counter("qcloop_images_duplicate",
+                                        "File events for images already in the ledger", registry=r)
+        self.particles = Counter("qcloop_particles", "Particles found, by class", ["class"], registry=r)
+        self.stage_seconds = Histogram("qcloop_stage_seconds", "Time per pipeline stage", ["stage"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.image_seconds = Histogram("qcloop_image_seconds", "Whole analysis of one image",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("qcloop_queue_wait_seconds",
+                                    "From file settled to the start of its analysis",
+                                    buckets=WAIT_BUCKETS, registry=r)
+        self.queue_depth = Gauge("qcloop_queue_depth", "Files settling or queued for analysis",
+                                 registry=r)
+        self.batches_closed = Counter("qcloop_batches_closed", "Batches closed, by verdict",
+                                      ["verdict"], registry=r)
+        self.batch_metric = Gauge("qcloop_batch_metric",
+                                  "Metrics of the latest closed batch (class='' when not per class)",
+                                  ["metric", "class"], registry=r)
+        self.batch_passed = Gauge("qcloop_batch_passed",
+                                  "Verdict of the latest closed batch (1 pass, 0 fail)", registry=r)
+        self.batch_particles = Gauge("qcloop_batch_particles", "Particles in the latest closed batch",
+                                     registry=r)
+        self.batch_images = Gauge("qcloop_batch_images", "Images in the latest closed batch", registry=r)
+        self.batch_closed_ts = Gauge("qcloop_batch_closed_timestamp_seconds",
+                                     "Unix time the latest batch closed", registry=r)
+        self.mqtt_connected = Gauge("qcloop_mqtt_connected", "1 while connected to the broker",
+                                    registry=r)
+        self.mqtt_published = Counter("qcloop_mqtt_published",
+                                      "Messages acknowledged by the broker", registry=r)
+        self.mqtt_rejected = Counter("qcloop_mqtt_rejected",
+                                     "Messages the broker refused (reason code >= 0x80)", registry=r)
+        self.outbox = Gauge("qcloop_outbox_messages", "Messages stored and not yet acknowledged",
+                            registry=r)
+        self.errors = Counter("qcloop_errors", "Error events, by kind", ["kind"], registry=r)
+        # make the always-present label sets visible from the first scrape
+        for kind in ("quarantined", "analysis-failed", "hook-failed", "command-rejected",
+                     "mqtt-rejected", "batch-metrics-failed"):
+            self.errors.labels(kind=kind)
+        for verdict in ("pass", "fail", "insufficient", "error"):
+            self.batches_closed.labels(verdict=verdict)
+
+    def set_batch(self, flat: Mapping[str, float], *, passed: bool | None, n_particles: int,
+                  n_images: int, closed_at: float) -> None:
+        """Expose the latest closed batch (``flat`` = :meth:`qcloop.batch.BatchMetrics.flat`)."""
+        self.batch_metric.clear()
+        for key, value in flat.items():
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                continue
+            metric, cls = split_metric_name(key)
+            self.batch_metric.labels(metric=metric, **{"class": cls}).set(
+                v if math.isfinite(v) else float("nan"))
+        self.batch_passed.set(float("nan") if passed is None else float(bool(passed)))
+        self.batch_particles.set(n_particles)
+        self.batch_images.set(n_images)
+        self.batch_closed_ts.set(closed_at)
+
+
+def split_metric_name(key: str) -> tuple[str, str]:
+    """``(metric, class)`` labels of a flat batch-metric name.
+
+    ``class_fraction.rod`` → (``class_fraction``, ``rod``); ``ecd_nm.rod.cv`` →
+    (``ecd_nm.cv``, ``rod``); ``orientation_deg.rod.mean`` → (``orientation_deg.mean``, ``rod``);
+    anything else (``ecd_nm.mean``, ``silhouette``, ``pca.silhouette``) → (key, ``""``).
+    """
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] in ("class_count", "class_fraction"):
+        return parts[0], parts[1]
+    if len(parts) == 3 and (parts[0].startswith("ecd_") or parts[0] == "orientation_deg"):
+        return f"{parts[0]}.{parts[2]}", parts[1]
+    return key, ""

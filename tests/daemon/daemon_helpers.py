@@ -1,0 +1,392 @@
+"""Test helpers for the daemon: synthetic TIFFs, a private Mosquitto, an MQTT recorder."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import tifffile
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO / "qcloop" / "schemas"
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MACHINE_BROKER = ("127.0.0.1", 1883)
+
+
+# ----------------------------------------------------------------------------- images
+def disk_image(seed: int, *, size: int = 192, n: int = 10, radius: float = 9.0) -> np.ndarray:
+    """uint8 (size, size): bright disks (radius ± 15 %) on a dark, noisy background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    img = np.full((size, size), 40.0, np.float32)
+    centers: list[tuple[float, float, float]] = []
+    tries = 0
+    while len(centers) < n and tries < 500:
+        tries += 1
+        r = radius * rng.uniform(0.85, 1.15)
+        cy, cx = rng.uniform(r + 3, size - r - 3, 2)
+        if all((cy - y) ** 2 + (cx - x) ** 2 > (r + q + 4) ** 2 for y, x, q in centers):
+            centers.append((cy, cx, r))
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 190.0
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def tiff_bytes(seed: int, **kw: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, disk_image(seed, **kw))
+    return buf.getvalue()
+
+
+def write_image(path: Path, seed: int, **kw: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.part"
+    tmp.write_bytes(tiff_bytes(seed, **kw))
+    os.replace(tmp, path)  # appears complete, as a rename into the folder
+    return path
+
+
+def write_slowly(path: Path, data: bytes, *, chunks: int = 4, pause: float = 0.15) -> None:
+    """Write ``data`` in chunks with pauses, as a copy over a slow network share."""
+    step = max(1, len(data) // chunks + 1)
+    with open(path, "wb") as f:
+        for i in range(0, len(data), step):
+            f.write(data[i:i + step])
+            f.flush()
+            os.fsync(f.fileno())
+            time.sleep(pause)
+
+
+# ----------------------------------------------------------------------------- broker
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class Broker:
+    """A private Mosquitto on a free port (plain, or TLS + password file)."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, tls: dict | None = None,
+                 passwords: dict[str, str] | None = None, acl: str | None = None,
+                 persistence: bool = False):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        lines = [f"listener {self.port} 127.0.0.1", "log_dest stderr",
+                 "log_type error", "log_type warning",
+                 # started as root, mosquitto would switch to user 'mosquitto' and lose access
+                 # to the test's private temp folder
+                 f"user {getpass.getuser()}"]
+        if persistence:  # sessions and queued QoS 1 messages survive a broker restart
+            lines += ["persistence true", f"persistence_location {self.workdir}/"]
+        else:
+            lines += ["persistence false"]
+        if passwords:
+            pw = self.workdir / "passwd"
+            pw.write_text("")
+            for user, password in passwords.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(pw), user, password], check=True,
+                               capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if acl:
+            (self.workdir / "acl").write_text(acl)
+            lines += [f"acl_file {self.workdir / 'acl'}"]
+        if tls:
+            lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}",
+                      "tls_version tlsv1.2"]
+        self.conf = self.workdir / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.log = self.workdir / "mosquitto.log"
+
+    def start(self, timeout: float = 10.0) -> "Broker":
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"))
+        t0 = time.monotonic()
+        while not port_open(self.host, self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError("mosquitto did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def make_certs(d: Path) -> dict[str, Path]:
+    """CA + server certificate for 127.0.0.1/localhost, made with the openssl CLI."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qcloop-test-ca",
+         "-keyout", "ca.key", "-out", "ca.crt")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+         "-out", "server.csr")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "2", "-out", "server.crt", "-extfile", "san.ext")
+    return {"ca": d / "ca.crt", "cert": d / "server.crt", "key": d / "server.key"}
+
+
+# ----------------------------------------------------------------------------- recorder
+class Recorder:
+    """Subscribes to ``{prefix}/#`` and records every message (topic, JSON, retain)."""
+
+    def __init__(self, host: str, port: int, prefix: str, *, username: str | None = None,
+                 password: str | None = None, tls_ca: Path | None = None,
+                 persistent: bool = False, timeout: float = 10.0):
+        self.prefix = prefix
+        self.messages: list[tuple[str, Any, bool]] = []
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self._subscribed = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:8]}",
+                        protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=True)
+        c.reconnect_delay_set(1, 1)
+        if username:
+            c.username_pw_set(username, password)
+        if tls_ca:
+            c.tls_set(ca_certs=str(tls_ca))
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{prefix}/#", qos=1)
+        c.on_subscribe = lambda *a: self._subscribed.set()
+        c.on_message = self._on_message
+        self.client = c
+        props = None
+        if persistent:  # the broker keeps our subscription and queues QoS 1 messages while away
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        c.connect_async(host, port, keepalive=10, clean_start=not persistent, properties=props)
+        c.loop_start()
+        if not self._subscribed.wait(timeout):
+            c.loop_stop()
+            raise RuntimeError("recorder could not subscribe")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            body = json.loads(msg.payload.decode())
+        except ValueError:
+            body = msg.payload
+        with self.cond:
+            self.messages.append((msg.topic, body, bool(msg.retain)))
+            self.cond.notify_all()
+
+    def on(self, suffix: str) -> list[Any]:
+        topic = f"{self.prefix}/{suffix}"
+        with self.lock:
+            return [b for t, b, _ in self.messages if t == topic]
+
+    def wait_for(self, pred: Callable[["Recorder"], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not pred(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish(host: str, port: int, topic: str, payload: Any, *, retain: bool = False) -> None:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
+                    protocol=MQTTProtocolVersion.MQTTv5)
+    c.connect(host, port)
+    c.loop_start()
+    data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+    info = c.publish(topic, data, qos=1, retain=retain)
+    info.wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+
+
+def clear_retained(host: str, port: int, prefix: str) -> None:
+    for suffix in ("status", "batches/result", "reactor/batch"):
+        publish(host, port, f"{prefix}/{suffix}", b"", retain=True)
+
+
+# ----------------------------------------------------------------------------- schemas
+def validator(name: str):
+    import jsonschema
+
+    schema = json.loads((SCHEMAS / name).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+# ----------------------------------------------------------------------------- configs / processes
+def write_config(path: Path, *, watch_dir: Path, state: Path, port: int, prefix: str,
+                 **sections: dict) -> Path:
+    cfg: dict[str, Any] = {
+        "line_id": "t1",
+        "state_dir": str(state),
+        "imaging": {"banner": "none", "pixel_size_nm": 5.0},
+        "watch": {"directory": str(watch_dir), "settle_seconds": 0.3, "polling": False},
+        "batch": {"key": "regex:^(?P<batch>[A-Za-z0-9]+)_", "close_after_idle_s": 3600,
+                  "min_particles": 5},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix,
+                 "reconnect_min_s": 1, "reconnect_max_s": 2, "keepalive_s": 5},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def daemon_cmd(config: Path) -> list[str]:
+    return [sys.executable, "-m", "qcloop", "run", "--config", str(config)]
+
+
+def start_daemon(config: Path, *, env: dict[str, str] | None = None, log: Path | None = None,
+                 prefix_cmd: list[str] | None = None) -> subprocess.Popen:
+    e = dict(os.environ)
+    e.pop("QCLOOP_CONFIG", None)
+    e.update(env or {})
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen((prefix_cmd or []) + daemon_cmd(config), env=e, stdout=out,
+                            stderr=subprocess.STDOUT, cwd=str(REPO))
+    STARTED.append(proc)
+    return proc
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+def reap() -> None:
+    """Kill (by pid) every daemon process a test started and left running."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+    return proc.returncode
+
+
+def ledger_rows(state: Path) -> list[dict[str, Any]]:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        cur = con.execute("SELECT id, path, content_hash, status, batch, in_progress, crashes, reason, "
+                          "quarantine_path FROM images ORDER BY id")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur]
+    finally:
+        con.close()
+
+
+def outbox_count(state: Path) -> int:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    finally:
+        con.close()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def by_msg_id(messages: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for m in messages:
+        out[m["msg_id"]].append(m)
+    return out
+
+
+# ----------------------------------------------------------------------------- malformed files
+def huge_tiff_header(side: int = 200_000) -> bytes:
+    """A little-endian TIFF whose header claims ``side`` x ``side`` 8-bit pixels (data absent)."""
+    import struct
+
+    entries = [  # tag, type (3 SHORT, 4 LONG), count, value
+        (256, 4, 1, side), (257, 4, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+        (273, 4, 1, 8 + 2 + 12 * 9 + 4), (277, 3, 1, 1), (278, 4, 1, side),
+        (279, 4, 1, 4_000_000_000),
+    ]
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        v = struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, typ, count) + v
+    return out + struct.pack("<I", 0) + b"\x00" * 64
+
+
+def malformed_files(n_each: int = 8) -> list[tuple[str, bytes]]:
+    """(name, content) of corrupt 'images': zero bytes, truncated TIFF, text, absurd header."""
+    good = tiff_bytes(99)
+    out: list[tuple[str, bytes]] = []
+    kinds = [("zero", lambda i: b""),
+             ("trunc", lambda i: good[: 200 + 37 * i]),
+             ("text", lambda i: f"this is not an image {i}\n".encode() * 20),
+             ("huge", lambda i: huge_tiff_header(100_000 + i))]
+    for kind, make in kinds:
+        for i in range(n_each):
+            out.append((f"bad_{kind}{i}.tif", make(i)))
+    return out

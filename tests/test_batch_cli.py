@@ -1,0 +1,154 @@
+"""``qcloop batch`` end to end on real TIFF files (synthetic images with Zeiss metadata)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qcloop.cli import main
+from qcloop.synth import SynthSpec, generate_image, write_image
+
+SPEC = SynthSpec(width_px=320, height_px=256, pixel_size_nm=2.0, mean_ecd_nm=50.0, size_cv=0.06,
+                 class_mix={"cube": 0.5, "triangle": 0.5}, rounding=0.05, coverage=0.18,
+                 touching_fraction=0.0, overlap_fraction=0.0, banner=True, banner_rows=24)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for seed in (1, 2):
+        tif, _ = write_image(d / f"B7_{seed:02d}.tif", generate_image(SPEC, seed))
+        paths.append(tif)
+    return d, paths
+
+
+def read_outputs(out):
+    doc = json.loads((out / "batch.json").read_text())
+    particles = pd.read_csv(out / "particles.csv")
+    html = (out / "report.html").read_text(encoding="utf-8")
+    return doc, particles, html
+
+
+def test_batch_without_model_bad_file_and_targets(images, tmp_path, capsys):
+    d, paths = images
+    bad = tmp_path / "B7_bad.tif"
+    bad.write_bytes(paths[0].read_bytes()[:3000])  # truncated TIFF
+    targets = tmp_path / "targets.yaml"
+    targets.write_text("targets:\n  ecd_nm.mean: {target: 50, tolerance: 5}\n"
+                       "  class_fraction.particle: {min: 0.99}\n  silhouette: {min: 0.5}\n")
+    out = tmp_path / "out"
+    rc = main(["batch", str(paths[0]), str(paths[1]), str(bad), "--out", str(out), "--targets", str(targets)])
+    assert rc == 1  # one image failed
+    captured = capsys.readouterr()
+    assert "B7_bad.tif" in captured.err
+    doc, particles, html = read_outputs(out)
+    assert doc["schema"] == "qcloop.batch/1"
+    assert doc["images"] == ["B7_01", "B7_02"]
+    assert [f["image"] for f in doc["failed"]] == ["B7_bad"]
+    # every particle is of the one class "particle"; measurements carried through
+    assert set(particles["class"]) == {"particle"}
+    for col in ("image", "particle_id", "ecd_nm", "touches_border", "class_probability"):
+        assert col in particles.columns
+    inner = particles[~particles["touches_border"].astype(bool)]
+    assert doc["flat"]["n_particles"] == len(inner) > 10
+    assert doc["flat"]["ecd_nm.mean"] == pytest.approx(inner["ecd_nm"].mean())
+    assert doc["flat"]["ecd_nm.mean"] == pytest.approx(50.0, rel=0.15)  # synthetic truth: 50 nm
+    assert doc["uncertainty"]["ecd_nm.mean"] > 0
+    # the verdict: sizes and fraction pass, silhouette is undefined with one class -> fails
+    checks = {c["metric"]: c for c in doc["verdict"]["checks"]}
+    assert checks["ecd_nm.mean"]["passed"] and checks["class_fraction.particle"]["passed"]
+    assert not checks["silhouette"]["passed"] and doc["verdict"]["passed"] is False
+    assert doc["flat"]["silhouette"] is None  # NaN written as null
+    # the report embeds the two overlays, PCA and histograms, and lists the bad file
+    assert html.count("data:image/png;base64,") == 4
+    assert "B7_bad.tif" in html and "FAIL" in html
+
+
+def test_batch_config_targets_and_verdict_exit(images, tmp_path):
+    d, _ = images
+    cfg = tmp_path / "qcloop.yaml"
+    cfg.write_text("targets:\n  ecd_nm.mean: {max: 10}\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(d), "--out", str(out), "--config", str(cfg), "--max-overlays", "0"]) == 0
+    doc, _, html = read_outputs(out)
+    assert doc["verdict"]["failed"] == ["ecd_nm.mean"]
+    assert "data:image/png" in html and html.count("data:image/png;base64,") == 2
+    assert main(["batch", str(d), "--out", str(out), "--config", str(cfg), "--max-overlays", "0",
+                 "--fail-on-verdict"]) == 3
+
+
+def test_target_typo_fails_before_analysis(images, tmp_path, capsys):
+    d, _ = images
+    t = tmp_path / "t.yaml"
+    t.write_text("class_fractoin.cube: {min: 0.9}\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(d), "--out", str(out), "--targets", str(t)]) == 2
+    err = capsys.readouterr().err
+    assert "targets.class_fractoin.cube: unknown metric" in err and "did you mean 'class_fraction.cube'" in err
+    assert not out.exists()
+
+
+def test_missing_model_file(images, tmp_path, capsys):
+    d, _ = images
+    assert main(["batch", str(d), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nope.npz")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+
+
+def train_cube_triangle_model(path):
+    """Classifier trained on ground-truth masks of two other synthetic images (not the batch's)."""
+    from qcloop.classify import Classifier
+    from qcloop.embed.morphology import MorphologyEmbedder
+    from qcloop.records import ParticleMasks
+
+    emb, X, y = MorphologyEmbedder(), [], []
+    for seed in (101, 102):
+        s = generate_image(SPEC, seed)
+        n = int(s.labels.max())
+        masks = ParticleMasks(labels=s.labels, lobe_labels=s.labels, lobe_parent=np.arange(n + 1, dtype=np.int32),
+                              touches_border=np.r_[False, s.truth["touches_border"].to_numpy(bool)])
+        t = s.truth[~s.truth["touches_border"]]
+        X.append(emb(s.to_sem_image(), masks, t.rename(columns={"particle": "particle_id"})))
+        y += t["class"].tolist()
+    return Classifier.fit(np.vstack(X), y, kind="logreg", embedder_spec=emb.spec).save(path)
+
+
+def test_batch_with_model(images, tmp_path):
+    d, _ = images
+    model = train_cube_triangle_model(tmp_path / "model.json")
+    out = tmp_path / "out"
+    assert main(["batch", str(d), "--out", str(out), "--model", str(model)]) == 0
+    doc, particles, html = read_outputs(out)
+    assert doc["model"].endswith("model.json")
+    assert set(particles["class"]) <= {"cube", "triangle", "unknown"}
+    assert particles["class_probability"].between(0, 1).all()
+    frac = doc["metrics"]["class_fraction"]
+    # the synthetic batch is half cubes, half triangles
+    assert 0.25 < frac["cube"] < 0.75 and 0.25 < frac["triangle"] < 0.75, frac
+    assert doc["flat"]["silhouette"] is not None and doc["flat"]["silhouette"] > 0
+    f = doc["flat"]
+    assert f["inter_class_variance"] + f["intra_class_variance"] == pytest.approx(f["total_variance"], rel=1e-9)
+    assert "ecd_nm.cube.mean" in f and math.isfinite(f["ecd_nm.cube.mean"])
+    assert "cube" in html and "triangle" in html
+
+
+@pytest.mark.slow  # spawns two worker processes (~10 s on a busy 2-core machine)
+def test_parallel_jobs_give_the_same_result(images, tmp_path):
+    d, paths = images
+    bad = tmp_path / "B7_zz_bad.png"
+    bad.write_bytes(b"not an image")
+    outs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"j{jobs}"
+        assert main(["batch", str(paths[0]), str(bad), str(paths[1]), "--out", str(out), "--jobs", jobs,
+                     "--max-overlays", "1"]) == 1
+        outs[jobs] = read_outputs(out)
+    (doc1, p1, html1), (doc2, p2, html2) = outs["1"], outs["2"]
+    pd.testing.assert_frame_equal(p1, p2)
+    assert doc1["flat"] == doc2["flat"] and doc1["images"] == doc2["images"] == ["B7_01", "B7_02"]
+    assert doc1["failed"] == doc2["failed"] and doc2["failed"][0]["image"] == "B7_zz_bad"
+    assert html1.count("data:image/png;base64,") == html2.count("data:image/png;base64,") == 3

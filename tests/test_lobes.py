@@ -1,0 +1,189 @@
+"""Lobe splitting and grouping on drawn shapes with known answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.draw import disk
+
+from qcloop.config import ClassicalConfig, LobesConfig
+from qcloop.lobes import (
+    border_flags,
+    exterior_circle,
+    fit_circle,
+    fit_circles,
+    group_lobes,
+    lobe_pair_features,
+)
+from qcloop.measure import measure_particles
+from qcloop.records import PixelSize, Segmentation, SemImage
+from qcloop.segment.classical import ClassicalSegmenter
+
+
+def _image_for(labels: np.ndarray, grey: np.ndarray | None = None, nm: float = 2.0) -> SemImage:
+    if grey is None:
+        grey = np.where(labels > 0, 0.8, 0.3)
+    pixels = (np.clip(grey, 0, 1) * 255).astype(np.uint8)
+    return SemImage(Path("shapes.tif"), pixels, pixels.shape[0], PixelSize(nm, "config"))
+
+
+def _discs(shape, discs) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    for r, c, rad in discs:
+        m[disk((r, c), rad, shape=shape)] = True
+    return m
+
+
+def _lobe_counts(masks) -> np.ndarray:
+    return np.bincount(masks.lobe_parent[1:], minlength=masks.n_particles + 1)
+
+
+def test_fit_circle_on_full_and_partial_arcs():
+    rng = np.random.default_rng(0)
+    for span in (2 * np.pi, np.pi / 2):
+        t = np.linspace(0, span, 80)
+        y = 40 + 18 * np.sin(t) + rng.normal(0, 0.3, t.size)
+        x = -7 + 18 * np.cos(t) + rng.normal(0, 0.3, t.size)
+        c = fit_circle(y, x)
+        assert (c.cy, c.cx, c.r) == pytest.approx((40, -7, 18), abs=0.6)
+        assert c.coverage == pytest.approx(span, abs=0.15)
+    assert fit_circle(np.arange(10.0), np.arange(10.0)) is None  # collinear
+
+
+def test_fit_two_circles_to_a_dumbbell_outline():
+    a = np.linspace(0.6, 2 * np.pi - 0.6, 60)
+    y = np.concatenate([30 + 15 * np.sin(a), 30 + 15 * np.sin(a)])
+    x = np.concatenate([30 - 15 * np.cos(a), 52 + 15 * np.cos(a)])
+    circles = sorted(fit_circles(y, x, 2), key=lambda c: c.cx)
+    assert [(c.cx, c.r) for c in circles] == [pytest.approx((30, 15), abs=0.5), pytest.approx((52, 15), abs=0.5)]
+
+
+def test_overlapping_disks_in_one_region_become_two_lobes():
+    shape = (90, 140)
+    labels = _discs(shape, [(45, 45, 20), (45, 73, 20)]).astype(np.int32)  # centres 1.4 r apart
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig())
+    assert masks.n_particles == 1
+    assert _lobe_counts(masks)[1] == 2
+    assert masks.lobe_labels[45, 40] != masks.lobe_labels[45, 80]
+    # the cut runs along the neck, halfway between the centres
+    cut_cols = np.flatnonzero(masks.lobe_labels[45, :-1] != masks.lobe_labels[45, 1:])
+    assert any(abs(c - 59) <= 2 for c in cut_cols)
+    row = measure_particles(_image_for(labels), masks).iloc[0]
+    assert row.lobes == 2
+    diameters = [float(v) for v in row.lobe_diameters_nm.split(";")]
+    assert diameters == pytest.approx([82.0, 82.0], rel=0.06)  # 2 x 20.5 px x 2 nm/px
+
+
+def test_lobes_from_separate_regions_fuse_across_a_wide_neck():
+    shape = (90, 140)
+    both = _discs(shape, [(45, 45, 20), (45, 73, 20)])
+    labels = np.zeros(shape, np.int32)
+    labels[both] = 1
+    labels[both & (np.arange(shape[1])[None, :] >= 59)] = 2  # the segmenter cut at the neck
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig())
+    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 2
+
+
+def test_a_chain_of_three_overlapping_disks_is_a_trimer():
+    shape = (90, 190)
+    labels = _discs(shape, [(45, 40, 20), (45, 68, 18), (45, 96, 20)]).astype(np.int32)
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig())
+    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 3
+
+
+def test_disks_touching_at_a_point_are_two_particles():
+    shape = (80, 130)
+    grey = np.full(shape, 0.3)
+    grey[_discs(shape, [(40, 40, 20), (40, 81, 20)])] = 0.8
+    image = _image_for(np.zeros(shape, np.int32), ndi.gaussian_filter(grey, 1.0))
+    seg = ClassicalSegmenter(ClassicalConfig())(image)
+    masks = group_lobes(seg, image, LobesConfig())
+    assert masks.n_particles == 2
+    assert masks.labels[40, 40] != masks.labels[40, 81]
+    assert list(_lobe_counts(masks)[1:]) == [1, 1]
+
+
+def test_a_plain_disk_and_a_square_are_single_lobes():
+    shape = (80, 170)
+    labels = np.zeros(shape, np.int32)
+    labels[_discs(shape, [(40, 40, 22)])] = 1
+    labels[15:65, 100:150] = 2
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig())
+    assert masks.n_particles == 2
+    assert list(_lobe_counts(masks)[1:]) == [1, 1]
+
+
+def test_edge_cut_disk_touches_border_and_banner_line_counts():
+    shape = (100, 100)
+    labels = np.zeros(shape, np.int32)
+    labels[_discs(shape, [(50, 5, 15)])] = 1  # cut by the left edge
+    labels[_discs(shape, [(50, 55, 15)])] = 2  # inside
+    labels[_discs(shape, [(97, 55, 8)])] = 3  # reaches the last analysed row (banner line)
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig())
+    by_label = {int(masks.labels[r, c]): bool(masks.touches_border[masks.labels[r, c]])
+                for r, c in [(50, 5), (50, 55), (97, 55)]}
+    assert list(by_label.values()) == [True, False, True]
+    flags = border_flags(labels)
+    assert flags.tolist() == [False, True, False, True]
+
+
+def test_disabled_grouping_keeps_regions():
+    shape = (90, 140)
+    labels = _discs(shape, [(45, 45, 20), (45, 73, 20)]).astype(np.int32)
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig(enabled=False))
+    assert masks.n_particles == 1 and masks.lobe_parent.tolist() == [0, 1]
+
+
+def test_max_lobes_caps_particles():
+    shape = (90, 190)
+    labels = _discs(shape, [(45, 40, 20), (45, 68, 18), (45, 96, 20)]).astype(np.int32)
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig(max_lobes=2))
+    assert _lobe_counts(masks)[1:].max() <= 2
+
+
+def test_invariants_of_the_output():
+    shape = (90, 190)
+    labels = _discs(shape, [(45, 40, 20), (45, 68, 18)]).astype(np.int32)
+    labels[_discs(shape, [(45, 150, 15)])] = 2
+    masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig())
+    # every lobe pixel belongs to exactly the particle its parent says
+    lobe = masks.lobe_labels
+    assert np.array_equal(masks.labels, masks.lobe_parent[lobe])
+    assert np.array_equal(masks.labels > 0, labels > 0)
+    assert masks.touches_border.shape == (masks.n_particles + 1,)
+    with pytest.raises(ValueError, match="shape"):
+        group_lobes(Segmentation(labels[:-1], "test"), _image_for(labels), LobesConfig())
+
+
+def test_pair_features_tell_fused_neck_from_contact():
+    shape = (90, 200)
+    grey = np.full(shape, 0.3)
+    fused = _discs(shape, [(45, 35, 20), (45, 63, 20)])
+    grey[fused] = 0.8
+    lab = np.zeros(shape, np.int32)
+    lab[fused] = 1
+    lab[fused & (np.arange(shape[1])[None, :] >= 49)] = 2
+    left, right = _discs(shape, [(45, 120, 21)]), _discs(shape, [(45, 160, 20)])  # touch at col 140/141
+    grey[left | right] = 0.8
+    grey[:, 140:142] = 0.35  # dark gap between touching particles
+    lab[left] = 3
+    lab[right] = 4
+    feats = lobe_pair_features(lab, ndi.gaussian_filter(grey, 1.0)).set_index(["a", "b"])
+    f12, f34 = feats.loc[(1, 2)], feats.loc[(3, 4)]
+    assert f12.neck > 0.65 and f34.neck < 0.4  # half-width of the neck over the inscribed radius
+    assert f12.contrast < 0.1 < f34.contrast
+    assert f12.overlap < 0.8
+
+
+def test_exterior_circle_ignores_cut_sides():
+    shape = (80, 80)
+    labels = np.zeros(shape, np.int32)
+    d = _discs(shape, [(40, 40, 20)])
+    labels[d] = 1
+    labels[d & (np.arange(80)[None, :] >= 50)] = 2  # neighbour takes a cap
+    sl = ndi.find_objects(labels)[0]
+    c = exterior_circle(labels[sl] == 1, (sl[0].start, sl[1].start), labels)
+    assert (c.cy, c.cx, c.r) == pytest.approx((40, 40, 20.3), abs=0.8)
