@@ -191,6 +191,12 @@ def test_pi_loop_reaches_and_holds_target_with_restart_mid_campaign(tmp_path, ma
         assert before["counts"]["suggestions"] >= 1 and "B0002" in before["closed"]
         text = line.metrics()
         assert _metric(text, "qcloop_control_decisions_total", action="none", reason="on_target") >= 3
+        # acks travel asynchronously: let the last ones the reactor sent reach the ledger before stopping
+        sent = {(m, s) for m, s in line.reactor.acks_sent}
+        deadline = time.time() + 15
+        while not {(a["msg_id"], a["status"]) for a in (line.ledger_state("control.acks") or [])} >= sent:
+            assert time.time() < deadline, "acks the reactor sent never reached the ledger"
+            time.sleep(0.2)
     finally:
         line.close()
     state = line.ledger_state("control.state")
