@@ -24,7 +24,7 @@ import json
 import logging
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from qcloop.control.controller import Controller
 from qcloop.control.suggestions import ACK_STATUSES, ACKS, DECISIONS, REACTOR_BATCH, REACTOR_SETPOINTS, SUGGESTIONS
@@ -37,6 +37,23 @@ ACK_LOG_KEY = "control.acks"
 ACK_LOG_KEEP = 500
 
 
+class ControlMetrics:
+    """The control loop's Prometheus metrics, registered on ``registry`` (the daemon's)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.suggestions = Counter("qcloop_suggestions", "Setpoint suggestions published", ["planner"], registry=r)
+        self.acks = Counter("qcloop_suggestion_acks", "Acknowledgements received from the reactor, by status",
+                            ["status"], registry=r)
+        self.decisions = Counter("qcloop_control_decisions", "Controller decisions per closed batch",
+                                 ["action", "reason"], registry=r)
+        self.pending = Gauge("qcloop_control_pending", "1 while a suggestion awaits its acknowledgement",
+                             registry=r)
+        self.setpoint = Gauge("qcloop_setpoint", "Setpoint value believed in force", ["name"], registry=r)
+        self.suggested = Gauge("qcloop_setpoint_suggested", "Latest suggested setpoint value", ["name"],
+                               registry=r)
+
+
 class ControlHook:
     """Holds the controller and its Prometheus metrics for one daemon."""
 
@@ -45,20 +62,18 @@ class ControlHook:
         self.settings = daemon.settings
         led = daemon.ledger
         self.controller = Controller(self.settings, led.get_state(STATE_KEY) if led is not None else None)
-        r = daemon.registry
-        self.m_suggestions = Counter("qcloop_suggestions", "Setpoint suggestions published", ["planner"], registry=r)
-        self.m_acks = Counter("qcloop_suggestion_acks", "Acknowledgements received from the reactor, by status",
-                              ["status"], registry=r)
-        self.m_decisions = Counter("qcloop_control_decisions", "Controller decisions per closed batch",
-                                   ["action", "reason"], registry=r)
-        self.m_pending = Gauge("qcloop_control_pending", "1 while a suggestion awaits its acknowledgement",
-                               registry=r)
-        self.m_setpoint = Gauge("qcloop_setpoint", "Setpoint value believed in force", ["name"], registry=r)
-        self.m_suggested = Gauge("qcloop_setpoint_suggested", "Latest suggested setpoint value", ["name"],
-                                 registry=r)
+        m = ControlMetrics(daemon.registry)
+        self.m_suggestions, self.m_acks, self.m_decisions = m.suggestions, m.acks, m.decisions
+        self.m_pending, self.m_setpoint, self.m_suggested = m.pending, m.setpoint, m.suggested
         for status in ACK_STATUSES:
             self.m_acks.labels(status=status)
         self.m_suggestions.labels(planner=self.settings.control.planner)
+        # after a restart the latest suggestion still shows (the controller's state keeps it)
+        recent = self.controller.state.get("recent") or {}
+        if recent:
+            latest = max(recent.values(), key=lambda r: float(r.get("at") or 0.0))
+            for name, value in (latest.get("suggested") or {}).items():
+                self.m_suggested.labels(name=name).set(value)
         self._refresh_gauges()
 
     # ------------------------------------------------------------------ helpers

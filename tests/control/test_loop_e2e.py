@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from adapters.controllers.simulated_reactor import ReactorModel, SimulatedReacto
 from qcloop.config import load_settings
 from qcloop.control.safety import violations
 from qcloop.demo import DEMO_CONFIG, _wait_online
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -191,6 +194,13 @@ def test_pi_loop_reaches_and_holds_target_with_restart_mid_campaign(tmp_path, ma
         assert before["counts"]["suggestions"] >= 1 and "B0002" in before["closed"]
         text = line.metrics()
         assert _metric(text, "qcloop_control_decisions_total", action="none", reason="on_target") >= 3
+        # every metric the dashboard's control row queries is on the live endpoint
+        dash = json.loads((REPO / "deploy/grafana/dashboards/qcloop.json").read_text())
+        row = [p for p in dash["panels"] if p["type"] != "row" and p["gridPos"]["y"] >= next(
+            r["gridPos"]["y"] for r in dash["panels"] if r["type"] == "row" and r["title"].startswith("Control"))]
+        used = {n for p in row for t in p["targets"] for n in re.findall(r"\bqcloop_[A-Za-z0-9_]+", t["expr"])}
+        exposed = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln and not ln.startswith("#")}
+        assert len(used) >= 5 and used <= exposed, used - exposed
         # acks travel asynchronously: let the last ones the reactor sent reach the ledger before stopping
         sent = {(m, s) for m, s in line.reactor.acks_sent}
         deadline = time.time() + 15

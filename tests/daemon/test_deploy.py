@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from daemon_helpers import REPO, Broker, Recorder, free_port, wait_until
 from qcloop.config import MetricsConfig, MqttConfig
+from qcloop.control.hook import ControlMetrics
 from qcloop.daemon.ledger import Ledger
 from qcloop.daemon.metrics import DaemonMetrics
 from qcloop.daemon.mqtt import MqttLink
@@ -70,6 +71,9 @@ def test_prometheus_and_grafana_files_agree() -> None:
     # the metric names the dashboard uses are exported by DaemonMetrics (histograms/counters
     # with their exposition suffixes); the live check is in test_daemon_e2e.py
     exported = {m.name for m in DaemonMetrics(CollectorRegistry()).registry.collect()}
+    control = CollectorRegistry()
+    ControlMetrics(control)  # the control row's metrics (registered when control.enabled)
+    exported |= {m.name for m in control.collect()}
     used = set(re.findall(r"\bqcloop_[A-Za-z0-9_]+", json.dumps(dash)))
     base = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
     assert base <= exported, base - exported
