@@ -25,7 +25,8 @@ Honesty notes, printed with the figures:
 * The random SAM's prompted masks are much larger than real particle masks; the windowed
   upsampling then covers bigger windows than it would with trained weights (pessimistic for the
   fast path).
-* The fast path runs first (it pays the process's warm-up costs).
+* The fast path runs first (it pays the process's warm-up costs) and again after the stock
+  path; the ratios use the mean of its two runs (the load of a shared machine drifts).
 
 Usage: ``python bench/foundation.py [--device cpu|cuda] [--image PATH] [--threads N]
 [--fast-embed pooled|crop] [--skip-stock]``. Target: fast path ≥ 10× faster end to end.
@@ -123,34 +124,38 @@ def main(argv=None) -> int:
           f"torch threads {torch.get_num_threads()}")
 
     # ------------------------------------------------------------------ fast path
-    fast: dict[str, float] = {}
-    sam_fast = SamSegmenter(sam_base.model_copy(update={"mode": "prompted"}), classical)
-    enc, dec = sam_fast.encode, sam_fast.predict_prompts
+    def run_fast(label: str) -> tuple[dict[str, float], np.ndarray]:
+        fast: dict[str, float] = {}
+        sam_fast = SamSegmenter(sam_base.model_copy(update={"mode": "prompted"}), classical)
+        enc, dec = sam_fast.encode, sam_fast.predict_prompts
 
-    def enc_timed(rgb):
-        with timed(fast, "encode"):
-            return enc(rgb)
+        def enc_timed(rgb):
+            with timed(fast, "encode"):
+                return enc(rgb)
 
-    def dec_timed(rgb, **kw):
-        sam_fast.encode(rgb)  # predict_prompts(encode=True) → timed encode, then timed decode
-        with timed(fast, "decode"):
-            return dec(rgb, encode=False, **kw)
+        def dec_timed(rgb, **kw):
+            sam_fast.encode(rgb)  # predict_prompts(encode=True) → timed encode, then timed decode
+            with timed(fast, "decode"):
+                return dec(rgb, encode=False, **kw)
 
-    sam_fast.encode, sam_fast.predict_prompts = enc_timed, dec_timed
-    emb_fast = Dinov2Embedder(dino_base.model_copy(update={"mode": args.fast_embed}))
-    with timed(fast, "sam"):
-        seg = sam_fast(image)
-    with timed(fast, "dinov2"):
-        v_fast = emb_fast(image, masks, particles)
-    for k in ("", "_cpu"):
-        fast["total" + k] = fast["sam" + k] + fast["dinov2" + k]
+        sam_fast.encode, sam_fast.predict_prompts = enc_timed, dec_timed
+        emb_fast = Dinov2Embedder(dino_base.model_copy(update={"mode": args.fast_embed}))
+        with timed(fast, "sam"):
+            seg = sam_fast(image)
+        with timed(fast, "dinov2"):
+            v_fast = emb_fast(image, masks, particles)
+        for k in ("", "_cpu"):
+            fast["total" + k] = fast["sam" + k] + fast["dinov2" + k]
+        print(f"fast ({label}):  SAM prompted ({len(cand)} point prompts, batches of "
+              f"{sam_fast.prompt_batch_size}): {_ws(fast, 'sam')}  [encoder {_ws(fast, 'encode')}, decoder + "
+              f"windowed upsampling {_ws(fast, 'decode')}, candidates + overlaps "
+              f"{fast['sam'] - fast['encode'] - fast['decode']:.1f} s; {seg.n_regions} masks kept]")
+        print(f"       DINOv2 {args.fast_embed} ({emb_fast.spec}) for {n} particles: {_ws(fast, 'dinov2')}")
+        print(f"       total {_ws(fast, 'total')}", flush=True)
+        return fast, v_fast
+
     print("(seconds: wall / process CPU time, all threads)")
-    print(f"fast:  SAM prompted ({len(cand)} point prompts, batches of {sam_fast.prompt_batch_size}): "
-          f"{_ws(fast, 'sam')}  [encoder {_ws(fast, 'encode')}, decoder + windowed upsampling "
-          f"{_ws(fast, 'decode')}, candidates + overlaps "
-          f"{fast['sam'] - fast['encode'] - fast['decode']:.1f} s; {seg.n_regions} masks kept]")
-    print(f"       DINOv2 {args.fast_embed} ({emb_fast.spec}) for {n} particles: {_ws(fast, 'dinov2')}")
-    print(f"       total {_ws(fast, 'total')}")
+    fast, v_fast = run_fast("before the stock path")
     if args.skip_stock:
         return 0
 
@@ -171,6 +176,10 @@ def main(argv=None) -> int:
     print(f"       DINOv2 per crop, batch 1 ({emb_stock.spec}) on the same {n} particles: "
           f"{_ws(stock, 'dinov2')} ({n / stock['dinov2']:.2f} crops/s wall)")
     print(f"       total {_ws(stock, 'total')}")
+    # the fast path again after the stock one: the machine's load may have changed in the
+    # stock path's minutes; the ratio uses the mean of the two fast runs
+    fast2, _ = run_fast("after the stock path")
+    fast = {k: (fast[k] + fast2[k]) / 2 for k in fast}
     for k, what in (("", "wall"), ("_cpu", "CPU")):
         print(f"ratio stock / fast ({what}): SAM {stock['sam' + k] / fast['sam' + k]:.1f}x, DINOv2 "
               f"{stock['dinov2' + k] / fast['dinov2' + k]:.1f}x, end to end "

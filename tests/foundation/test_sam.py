@@ -19,10 +19,12 @@ from qcloop.segment.sam import (  # noqa: E402
     SamSegmenter,
     UpsampleGeometry,
     assign_to_tiles,
+    attention_per_head,
     bilinear_matrix,
     decode_best,
     make_tiles,
     paint_masks,
+    per_head_global_attention,
     remove_small_regions,
     to_rgb_uint8,
 )
@@ -342,3 +344,39 @@ def test_generator_small_region_cleanup_without_opencv():
     # NMS puts unchanged masks first (as upstream): the clean one, then the cleaned one
     assert np.array_equal(masks[0], m[1].numpy()) and np.array_equal(masks[1], expected)
     assert out["boxes"][1].tolist() == [5, 5, 29, 29]
+
+
+# --------------------------------------------------------------------------- encoder attention
+
+
+@pytest.mark.parametrize("use_rel_pos", [True, False])
+def test_per_head_attention_equals_upstream(use_rel_pos):
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.manual_seed(0)
+    att = Attention(48, num_heads=3, use_rel_pos=use_rel_pos, input_size=(9, 7)).eval()
+    if use_rel_pos:  # upstream initialises them to zero: make them matter
+        torch.nn.init.normal_(att.rel_pos_h, std=0.5)
+        torch.nn.init.normal_(att.rel_pos_w, std=0.5)
+    x = torch.randn(2, 9, 7, 48)
+    with torch.inference_mode():
+        ref = att(x)
+        ours = attention_per_head(att, x)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_per_head_global_attention_patches_only_global_blocks_and_restores(tiny_sam_model):
+    blocks = tiny_sam_model.image_encoder.blocks
+    glob = [b.window_size == 0 for b in blocks]
+    assert any(glob) and not all(glob)
+    with per_head_global_attention(tiny_sam_model):
+        assert [("forward" in b.attn.__dict__) for b in blocks] == glob
+    assert not any("forward" in b.attn.__dict__ for b in blocks)
+    rgb = _rgb(200, 260)
+    stock = SamPredictor(tiny_sam_model)
+    stock.set_image(rgb)
+    ref = stock.features.clone()
+    with per_head_global_attention(tiny_sam_model):
+        stock.set_image(rgb)
+    torch.testing.assert_close(stock.features, ref, rtol=1e-5, atol=1e-6)
