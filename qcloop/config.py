@@ -66,9 +66,10 @@ class ClassicalConfig(Section):
     ``li``, ``triangle`` are global, ``local`` a Gaussian-weighted local mean over
     ``local_block_size_px`` (default three particle diameters). ``threshold_offset`` is added to
     any of them. Holes up to ``max_hole_frac`` x the expected particle area are filled.
-    ``split_touching`` splits touching particles by a watershed from distance-map maxima at
-    least ``split_min_distance_frac`` x radius apart; ``refine_outline`` moves outlines onto
-    the steepest edge and trims thin strips.
+    ``split_touching`` splits touching particles by a watershed from the centres of the
+    particles' bright cores, at least ``split_min_distance_frac`` x radius apart;
+    ``refine_outline`` puts every outline half-way between the particle's grey level and its
+    surroundings' and trims thin strips.
     """
 
     denoise_sigma_px: float | None = Field(default=None, ge=0)
@@ -170,13 +171,19 @@ class LobesConfig(Section):
     lobes fuse when the log-odds of ``qcloop.lobes.FUSE_MODEL`` (neck width, darkness of the
     common boundary, overlap of the lobes' circles) is at least ``fuse_score``: raise it to fuse
     less, lower it to fuse more. Lobes meeting across a neck narrower than ``min_neck`` x the
-    smaller lobe's inscribed radius (a point contact) never fuse.
+    smaller lobe's inscribed radius (a point contact) never fuse. Lobes facing each other across
+    a background gap of at most ``max_gap`` x the typical lobe radius count as neighbours (the
+    segmenter may cut a fused neck along its seam). ``dim_lobes``: lobe-sized background blobs
+    about as bright as the substrate and wedged between regions (dim middle lobes of trimers the
+    segmenter missed) are added as lobes, and kept where they fuse with a neighbour.
     """
 
     enabled: bool = True
     max_lobes: int = Field(default=6, ge=1)
     fuse_score: float = 1.0
     min_neck: float = Field(default=0.3, ge=0)
+    max_gap: float = Field(default=0.3, ge=0)
+    dim_lobes: bool = True
 
 
 class PipelineConfig(Section):

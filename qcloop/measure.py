@@ -5,24 +5,22 @@ particle. Every column is listed, with its unit, in :data:`PARTICLE_COLUMNS`. Wh
 no pixel size (source ``none``) the ``*_nm`` / ``*_nm2`` columns are NaN and the ``*_px``
 columns carry the sizes.
 
-Shape descriptors are computed on the particle mask with scikit-image's ``regionprops``; what no
-library offers is written here: minimum Feret diameter (rotating calipers on the convex hull of
-the pixel corners), corner count and corner sharpness (from the curvature of the outline) and
-lobe diameters (major axis of each lobe of a fused particle).
+Area, centroid, mean intensity and the second-moment ellipse come from pixel sums over all
+labels at once (they match scikit-image's ``regionprops``). Perimeter, solidity, Feret diameters
+and corners come from each particle's outer outline, the 0.5 iso-contour of its mask as
+:func:`skimage.measure.find_contours` traces it; :mod:`qcloop._geometry` traces and measures the
+outlines of all particles together. Lobe diameters are the major axes of each lobe of a fused
+particle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
-from scipy.signal import find_peaks
-from scipy.spatial import ConvexHull, QhullError
-from skimage import measure
 
+from qcloop import _geometry
 from qcloop.records import ParticleMasks, SemImage
 
 #: Every column of the particle table, with its unit and meaning.
@@ -84,7 +82,8 @@ def measure_particles(image: SemImage, masks: ParticleMasks) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        One row per particle, columns exactly :data:`PARTICLE_COLUMNS` in that order.
+        One row per particle (labels 1..n that are present, in label order), columns exactly
+        :data:`PARTICLE_COLUMNS` in that order.
     """
     labels = masks.labels
     intensity = image.intensity()
@@ -93,50 +92,56 @@ def measure_particles(image: SemImage, masks: ParticleMasks) -> pd.DataFrame:
     n = masks.n_particles
     if n == 0:
         return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in PARTICLE_COLUMNS})
-    moments = _moments(labels, intensity, n)
-    lobe_diams = _lobe_diameters_px(masks)
-    rows = []
-    for pid, sl in enumerate(ndi.find_objects(labels, max_label=n), start=1):
-        if sl is None:
+    runs = _RowRuns.of(labels)
+    moments = _moments(runs, labels, intensity, n)
+    pids = np.flatnonzero(moments["area"] > 0)
+    box = runs.bounding_boxes(n)
+    shapes = _outline_shapes(labels, n, box)
+    area = moments["area"][pids].astype(np.float64)
+    ecd = np.sqrt(4.0 * area / np.pi)
+    perimeter = shapes["perimeter"][pids]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        circularity = np.where(perimeter > 0, np.minimum(1.0, 4.0 * np.pi * area / perimeter**2), 0.0)
+    diams = [[d] for d in ecd.tolist()]
+    lobe_diameter = ecd.copy()
+    for pid, ds in _lobe_diameters_px(masks).items():
+        i = int(np.searchsorted(pids, pid))
+        if i == len(pids) or pids[i] != pid:
             continue
-        crop = labels[sl] == pid
-        r0, c0, r1, c1 = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
-        area = float(moments["area"][pid])
-        ecd = float(np.sqrt(4.0 * area / np.pi))
-        shape = outline_shape(crop)
-        diams = lobe_diams.get(pid) or [ecd]
-        rows.append({
-            "image": image.name,
-            "particle_id": pid,
-            "centroid_x_px": float(moments["cx"][pid]),
-            "centroid_y_px": float(moments["cy"][pid]),
-            "bbox_r0": r0, "bbox_c0": c0, "bbox_r1": r1, "bbox_c1": c1,
-            "area_px": area,
-            "ecd_px": ecd,
-            "perimeter_px": shape.perimeter,
-            "feret_max_px": shape.feret_max,
-            "feret_min_px": shape.feret_min,
-            "circularity": float(min(1.0, 4.0 * np.pi * area / shape.perimeter**2)) if shape.perimeter > 0 else 0.0,
-            "solidity": shape.solidity,
-            "eccentricity": float(moments["eccentricity"][pid]),
-            "aspect_ratio": float(moments["aspect_ratio"][pid]),
-            "orientation_deg": float(moments["orientation_deg"][pid]),
-            "mean_intensity": float(moments["mean_intensity"][pid]),
-            "corners": shape.corners,
-            "corner_sharpness": shape.corner_sharpness,
-            "lobes": len(diams),
-            "lobe_diameter_px": float(np.mean(diams)),
-            "_lobe_diams_px": diams,
-            "touches_border": bool(masks.touches_border[pid]) if pid < len(masks.touches_border) else False,
-        })
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in PARTICLE_COLUMNS})
+        diams[i] = ds
+        lobe_diameter[i] = np.mean(ds)
+    border = np.zeros(len(pids), bool)
+    tb = np.asarray(masks.touches_border, bool)
+    inside = pids < len(tb)
+    border[inside] = tb[pids[inside]]
     nm = image.pixel_size.nm
+    scale = nm if nm is not None else 1.0
+    table = pd.DataFrame({
+        "image": [image.name] * len(pids),
+        "particle_id": pids,
+        "centroid_x_px": moments["cx"][pids],
+        "centroid_y_px": moments["cy"][pids],
+        "bbox_r0": box[pids, 0], "bbox_c0": box[pids, 1], "bbox_r1": box[pids, 2], "bbox_c1": box[pids, 3],
+        "area_px": area,
+        "ecd_px": ecd,
+        "perimeter_px": perimeter,
+        "feret_max_px": shapes["feret_max"][pids],
+        "feret_min_px": shapes["feret_min"][pids],
+        "circularity": circularity,
+        "solidity": shapes["solidity"][pids],
+        "eccentricity": moments["eccentricity"][pids],
+        "aspect_ratio": moments["aspect_ratio"][pids],
+        "orientation_deg": moments["orientation_deg"][pids],
+        "mean_intensity": moments["mean_intensity"][pids],
+        "corners": shapes["corners"][pids],
+        "corner_sharpness": shapes["corner_sharpness"][pids],
+        "lobes": np.array([len(ds) for ds in diams], np.int64),
+        "lobe_diameter_px": lobe_diameter,
+        "touches_border": border,
+        "lobe_diameters_nm": [";".join(f"{d * scale:.2f}" for d in ds) for ds in diams],
+    })
     for px_col, (nm_col, power) in _NM_OF_PX.items():
         table[nm_col] = table[px_col] * nm**power if nm is not None else np.nan
-    scale = nm if nm is not None else 1.0
-    table["lobe_diameters_nm"] = [";".join(f"{d * scale:.2f}" for d in ds) for ds in table["_lobe_diams_px"]]
     return table[list(PARTICLE_COLUMNS)]
 
 
@@ -150,28 +155,22 @@ def _dtype(column: str) -> str:
     return "float64"
 
 
-def _moments(labels: np.ndarray, intensity: np.ndarray, n: int) -> dict[str, np.ndarray]:
+def _moments(runs: _RowRuns, labels: np.ndarray, intensity: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """Area, centroid, mean intensity and second-moment ellipse of every label at once.
 
     Arrays are indexed by label (index 0 = background). The ellipse matches scikit-image's
     regionprops (eigenvalues of the central second moments): eccentricity sqrt(1 - l2/l1),
     aspect ratio sqrt(l1/l2), orientation of the major axis in degrees counter-clockwise from
-    the x axis (rows point down, so y = -row), in [0, 180).
+    the x axis (rows point down, so y = -row), in [0, 180). ``runs`` are the row runs of
+    ``labels``.
     """
-    flat = labels.ravel()
-    rr, cc = np.indices(labels.shape, dtype=np.float64)
-    rr, cc = rr.ravel(), cc.ravel()
-
-    def total(w: np.ndarray | None = None) -> np.ndarray:
-        return np.bincount(flat, weights=w, minlength=n + 1)[: n + 1]
-
-    area = total()
-    safe = np.where(area > 0, area, 1.0)
-    cy, cx = total(rr) / safe, total(cc) / safe
-    mi = total(intensity.ravel().astype(np.float64)) / safe
-    drr = total(rr * rr) / safe - cy**2
-    dcc = total(cc * cc) / safe - cx**2
-    drc = total(rr * cc) / safe - cy * cx
+    area, s_r, s_c, s_rr, s_cc, s_rc = runs.pixel_sums(n)
+    safe = np.where(area > 0, area, 1).astype(np.float64)
+    cy, cx = s_r / safe, s_c / safe
+    mi = np.bincount(labels.ravel(), weights=intensity.ravel().astype(np.float64), minlength=n + 1)[: n + 1] / safe
+    drr = s_rr / safe - cy**2
+    dcc = s_cc / safe - cx**2
+    drc = s_rc / safe - cy * cx
     half_trace = (drr + dcc) / 2
     root = np.sqrt(np.maximum(((drr - dcc) / 2) ** 2 + drc**2, 0.0))
     l1, l2 = half_trace + root, np.maximum(half_trace - root, 0.0)
@@ -186,6 +185,22 @@ def _moments(labels: np.ndarray, intensity: np.ndarray, n: int) -> dict[str, np.
             "aspect_ratio": aspect, "orientation_deg": orient}
 
 
+def _outline_shapes(labels: np.ndarray, n: int, box: np.ndarray) -> dict[str, np.ndarray]:
+    """Perimeter, solidity, Feret diameters and corners of every label (arrays indexed by label).
+
+    See :func:`outline_shape` for the definitions. ``box`` holds every label's bounding box
+    (r0, c0, r1, c1); outline coordinates are taken from its corner (r0, c0).
+    """
+    ol = _geometry.trace_outlines(labels, n, box[:, :2])
+    fig = _geometry.outline_figures(ol)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        solidity = np.where(fig.hull_area > 0, np.minimum(1.0, fig.area / fig.hull_area), 1.0)
+    corners, sharpness = _geometry.corner_figures(
+        ol, fig.perimeter, lambda ids: _geometry.inscribed_radii(labels, box, ids))
+    return {"perimeter": fig.perimeter, "solidity": solidity, "feret_max": fig.feret_max,
+            "feret_min": fig.feret_min, "corners": corners, "corner_sharpness": sharpness}
+
+
 @dataclass(frozen=True)
 class OutlineShape:
     """Shape figures of one binary mask from its outline (px)."""
@@ -198,66 +213,30 @@ class OutlineShape:
     corner_sharpness: float
 
 
-def _polygon_area(y: np.ndarray, x: np.ndarray) -> float:
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
-
-
 def outline_shape(mask: np.ndarray) -> OutlineShape:
     """Perimeter, solidity, Feret diameters and corners of a mask, from one traced outline.
 
-    The outline is the 0.5 iso-contour of the mask (marching squares), i.e. the boundary
-    between pixel centres inside and outside. Perimeter = its length; solidity = the area it
-    encloses over the area of its convex hull (1 for any convex shape); Feret max = the largest
-    distance between hull vertices; Feret min = rotating calipers (smallest width over the
-    hull's edge directions). Corners: see :func:`corner_features`.
+    The outline is the 0.5 iso-contour of the mask (marching squares, as
+    :func:`skimage.measure.find_contours`; the longest one if there are several), i.e. the
+    boundary between pixel centres inside and outside. Perimeter = its length; solidity = the
+    area it encloses over the area of its convex hull (1 for any convex shape); Feret max = the
+    largest distance between hull vertices; Feret min = rotating calipers (smallest width over
+    the hull's edge directions). Corners: see :func:`corner_features`. An empty mask gives
+    zeros (solidity 1).
     """
-    contour = _outer_contour(mask)
-    if contour is None:
-        side = float(np.sqrt(mask.sum()))
-        return OutlineShape(4 * side, 1.0, side * np.sqrt(2), side, 0, 0.0)
-    y, x = contour[:, 0], contour[:, 1]
-    perimeter = float(np.hypot(np.diff(y, append=y[0]), np.diff(x, append=x[0])).sum())
-    pts = np.stack([y, x], 1)
-    try:
-        hull = pts[ConvexHull(pts).vertices]
-    except (QhullError, ValueError):
-        ext = pts.max(0) - pts.min(0)
-        return OutlineShape(perimeter, 1.0, float(np.hypot(*ext)), float(ext.min()), 0, 0.0)
-    hull_area = _polygon_area(hull[:, 0], hull[:, 1])
-    solidity = float(min(1.0, _polygon_area(y, x) / hull_area)) if hull_area > 0 else 1.0
-    fmax, fmin = _calipers(hull)
-    corners, sharpness = _corners_from_contour(contour, lambda: _inscribed_radius(mask))
-    return OutlineShape(perimeter, solidity, fmax, fmin, corners, sharpness)
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return OutlineShape(0.0, 1.0, 0.0, 0.0, 0, 0.0)
+    labels = mask.astype(np.int32)
+    s = _outline_shapes(labels, 1, _mask_box(mask))
+    return OutlineShape(float(s["perimeter"][1]), float(s["solidity"][1]), float(s["feret_max"][1]),
+                        float(s["feret_min"][1]), int(s["corners"][1]), float(s["corner_sharpness"][1]))
 
 
-def _outer_contour(mask: np.ndarray) -> np.ndarray | None:
-    """Longest 0.5 iso-contour of the mask (rows, cols in mask coordinates), open (no repeat)."""
-    contours = measure.find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
-    if not contours:
-        return None
-    c = max(contours, key=len)
-    if len(c) < 4:
-        return None
-    return (c[:-1] if _same_point(c[0], c[-1]) else c) - 1.0
-
-
-def _same_point(a: np.ndarray, b: np.ndarray) -> bool:
-    """``np.allclose(a, b)`` for two finite 2-vectors, without its overhead."""
-    return (abs(float(a[0]) - float(b[0])) <= 1e-8 + 1e-5 * abs(float(b[0]))
-            and abs(float(a[1]) - float(b[1])) <= 1e-8 + 1e-5 * abs(float(b[1])))
-
-
-def _calipers(hull: np.ndarray) -> tuple[float, float]:
-    d = hull[:, None, :] - hull[None, :, :]
-    fmax = float(np.sqrt((d**2).sum(-1)).max())
-    edges = np.roll(hull, -1, axis=0) - hull
-    lengths = np.hypot(edges[:, 0], edges[:, 1])
-    ok = lengths > 0
-    if not ok.any():
-        return fmax, 0.0
-    normals = np.stack([-edges[ok, 1], edges[ok, 0]], 1) / lengths[ok, None]
-    proj = hull @ normals.T  # (n_vertices, n_edges)
-    return fmax, float((proj.max(0) - proj.min(0)).min())
+def _mask_box(mask: np.ndarray) -> np.ndarray:
+    """Boxes (r0, c0, r1, c1) of labels 0 and 1 for a single mask: label 1 gets the whole
+    array, so outline coordinates are mask coordinates."""
+    return np.array([[0, 0, 0, 0], [0, 0, mask.shape[0], mask.shape[1]]], np.int64)
 
 
 def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
@@ -271,70 +250,44 @@ def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
     return s.feret_max, s.feret_min
 
 
-def _inscribed_radius(mask: np.ndarray) -> float:
-    return float(ndi.distance_transform_edt(np.pad(mask, 1)).max())
-
-
 def corner_features(mask: np.ndarray, inscribed_radius: float | None = None) -> tuple[int, float]:
-    """Number of corners of a mask's outline and their sharpness (see :func:`_corners_from_contour`)."""
-    contour = _outer_contour(mask)
-    if contour is None:
-        return 0, 0.0
-    r_in = inscribed_radius if inscribed_radius is not None else _inscribed_radius(mask)
-    return _corners_from_contour(contour, r_in)
-
-
-def _corners_from_contour(contour: np.ndarray, r_in: float | Callable[[], float]) -> tuple[int, float]:
-    """Corners from the curvature along the outline.
+    """Number of corners of a mask's outline and their sharpness.
 
     The outline is resampled at 1 px arc-length steps and lightly smoothed (removes the pixel
     staircase); the turning angle per step is smoothed with a Gaussian (sigma 1.5 % of the
     perimeter, at least 1 px) into a curvature. A corner is a curvature peak (above 1.8 × the
-    curvature of a circle of the same perimeter) that turns the outline by at least 25° more than
-    such a circle would over the stretch where the curvature stays above 1.2 × a circle's.
+    curvature of a circle of the same perimeter, peaks at least 8 % of the perimeter apart)
+    that turns the outline by at least 25° more than such a circle would over the stretch where
+    the curvature stays above 1.2 × a circle's (at most a quarter of the perimeter either side).
     Sharpness is ``1 - r_corner / r_inscribed`` (``r_corner = 1 / peak curvature``), averaged
     over the corners: near 1 for sharp cube or triangle vertices, lower as they round off; 0
-    without corners. ``r_in`` (the inscribed radius, px) may be a callable returning it; it
-    is then only called when the outline has curvature peaks. Limitation: the ends of elongated ellipses (aspect ratio above about 1.4)
-    also count as corners.
+    without corners. Outlines shorter than 12 px have no corners. Limitation: the ends of
+    elongated ellipses (aspect ratio above about 1.4) also count as corners.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+    inscribed_radius : float, optional
+        Radius of the largest disc inside the mask (px); by default the maximum of the
+        mask's Euclidean distance transform.
+
+    Returns
+    -------
+    corners : int
+    sharpness : float
     """
-    closed = np.vstack([contour, contour[:1]])
-    seg = np.hypot(*np.diff(closed, axis=0).T)
-    perimeter = float(seg.sum())
-    if perimeter < 12:
+    mask = np.asarray(mask, bool)
+    if not mask.any():
         return 0, 0.0
-    s = np.concatenate([[0.0], np.cumsum(seg)])
-    n = int(round(perimeter))
-    t = np.linspace(0, perimeter, n, endpoint=False)
-    y = ndi.gaussian_filter1d(np.interp(t, s, closed[:, 0]), 1.0, mode="wrap")
-    x = ndi.gaussian_filter1d(np.interp(t, s, closed[:, 1]), 1.0, mode="wrap")
-    theta = np.arctan2(np.roll(y, -1) - y, np.roll(x, -1) - x)
-    turn = np.mod(np.diff(np.concatenate([theta, theta[:1]])) + np.pi, 2 * np.pi) - np.pi
-    kappa = ndi.gaussian_filter1d(turn, max(1.0, 0.015 * n), mode="wrap")  # rad per px of arc
-    if kappa.sum() < 0:
-        kappa = -kappa
-    base = 2 * np.pi / n
-    # peaks on the circular signal: tile three times and keep those in the middle copy
-    tiled = np.concatenate([kappa, kappa, kappa])
-    peaks, _ = find_peaks(tiled, height=1.8 * base, distance=max(2, int(0.08 * n)))
-    peaks = peaks[(peaks >= n) & (peaks < 2 * n)] - n
-    sharp = []
-    if peaks.size and callable(r_in):  # the inscribed radius is only needed for corners
-        r_in = r_in()
-    for p in peaks:
-        lo = p
-        while kappa[(lo - 1) % n] > 1.2 * base and (p - lo) < n // 4:
-            lo -= 1
-        hi = p
-        while kappa[(hi + 1) % n] > 1.2 * base and (hi - p) < n // 4:
-            hi += 1
-        excess = float((kappa[np.arange(lo, hi + 1) % n] - base).sum())
-        if excess >= np.radians(25.0):
-            r_corner = 1.0 / float(kappa[p])
-            sharp.append(float(np.clip(1.0 - r_corner / r_in, 0.0, 1.0)) if r_in > 0 else 0.0)
-    if not sharp:
-        return 0, 0.0
-    return len(sharp), float(np.mean(sharp))
+    labels = mask.astype(np.int32)
+    ol = _geometry.trace_outlines(labels, 1, np.zeros((2, 2), np.int64))
+    fig = _geometry.outline_figures(ol)
+    if inscribed_radius is None:
+        r_in = lambda ids: _geometry.inscribed_radii(labels, _mask_box(mask), ids)  # noqa: E731
+    else:
+        r_in = lambda ids: np.full(len(ids), float(inscribed_radius))  # noqa: E731
+    corners, sharpness = _geometry.corner_figures(ol, fig.perimeter, r_in)
+    return int(corners[1]), float(sharpness[1])
 
 
 def _lobe_diameters_px(masks: ParticleMasks) -> dict[int, list[float]]:
@@ -354,19 +307,14 @@ def _lobe_diameters_px(masks: ParticleMasks) -> dict[int, list[float]]:
     multi[1:] = (parent[1:] > 0) & (n_lobes[parent[1:]] >= 2)
     if not multi.any():
         return out
-    # second moments of the lobes of multi-lobe particles only (two passes: centroid, then
-    # central moments), as regionprops' axis_major_length = 4 sqrt(largest eigenvalue)
-    rr, cc = np.nonzero(multi[lobes])
-    lab = lobes[rr, cc]
-    rr, cc = rr.astype(float), cc.astype(float)
-    area = np.bincount(lab, minlength=m + 1).astype(float)
-    safe = np.where(area > 0, area, 1.0)
-    cy = np.bincount(lab, weights=rr, minlength=m + 1) / safe
-    cx = np.bincount(lab, weights=cc, minlength=m + 1) / safe
-    dr, dc = rr - cy[lab], cc - cx[lab]
-    srr = np.bincount(lab, weights=dr * dr, minlength=m + 1) / safe
-    scc = np.bincount(lab, weights=dc * dc, minlength=m + 1) / safe
-    src = np.bincount(lab, weights=dr * dc, minlength=m + 1) / safe
+    # central second moments of the lobes of multi-lobe particles, from exact integer pixel
+    # sums (n * sum(x^2) - sum(x)^2 over n^2), as regionprops' axis_major_length = 4 sqrt(largest
+    # eigenvalue)
+    area, s_r, s_c, s_rr, s_cc, s_rc = _RowRuns.of(lobes).pixel_sums(m, keep=multi)
+    a2 = np.where(area > 0, area * area, 1).astype(np.float64)
+    srr = (area * s_rr - s_r * s_r) / a2
+    scc = (area * s_cc - s_c * s_c) / a2
+    src = (area * s_rc - s_r * s_c) / a2
     l1 = (srr + scc) / 2 + np.sqrt(((srr - scc) / 2) ** 2 + src**2)
     for k in np.flatnonzero(multi):
         if area[k] == 0:
@@ -374,3 +322,57 @@ def _lobe_diameters_px(masks: ParticleMasks) -> dict[int, list[float]]:
         d = float(4.0 * np.sqrt(l1[k])) if area[k] > 2 else float(np.sqrt(4.0 * area[k] / np.pi))
         out.setdefault(int(parent[k]), []).append(d)
     return out
+
+
+@dataclass(frozen=True)
+class _RowRuns:
+    """Runs of equal non-zero label along the rows of a label image."""
+
+    label: np.ndarray  # int64, per run
+    row: np.ndarray
+    col0: np.ndarray  # first column
+    count: np.ndarray  # length (px)
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> _RowRuns:
+        h, w = labels.shape
+        new_run = np.ones((h, w), bool)
+        new_run[:, 1:] = labels[:, 1:] != labels[:, :-1]
+        start = np.flatnonzero(new_run)
+        stop = np.append(start[1:], labels.size)  # exclusive; runs never cross a row end
+        lab = labels.ravel()[start].astype(np.int64)
+        fg = lab > 0
+        start, stop, lab = start[fg], stop[fg], lab[fg]
+        row, col0 = np.divmod(start, w)
+        return cls(lab, row, col0, stop - start)
+
+    def pixel_sums(self, n: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Pixel count and sums of row, column, row², column², row x column of every label.
+
+        Closed forms per run, in exact integer arithmetic. Arrays are indexed by label 0..n;
+        ``keep`` (bool per label) limits the sums to some labels (the others get 0).
+        """
+        sel = slice(None) if keep is None else keep[self.label]
+        lab, r, c0, count = self.label[sel], self.row[sel], self.col0[sel], self.count[sel]
+        c1 = c0 + count - 1
+        sum_c = (c0 + c1) * count // 2
+        sum_cc = (c1 * (c1 + 1) * (2 * c1 + 1) - (c0 - 1) * c0 * (2 * c0 - 1)) // 6
+
+        def total(values: np.ndarray) -> np.ndarray:
+            # float64 sums of integers below 2**53 are exact
+            return np.rint(np.bincount(lab, weights=values, minlength=n + 1)[: n + 1]).astype(np.int64)
+
+        return total(count), total(r * count), total(sum_c), total(r * r * count), total(sum_cc), total(r * sum_c)
+
+    def bounding_boxes(self, n: int) -> np.ndarray:
+        """(r0, c0, r1, c1) of every label 0..n, ends exclusive (zeros for absent labels)."""
+        box = np.zeros((n + 1, 4), np.int64)
+        big = np.iinfo(np.int64).max
+        lo_r, lo_c = np.full(n + 1, big), np.full(n + 1, big)
+        np.minimum.at(lo_r, self.label, self.row)
+        np.minimum.at(lo_c, self.label, self.col0)
+        np.maximum.at(box[:, 2], self.label, self.row + 1)
+        np.maximum.at(box[:, 3], self.label, self.col0 + self.count)
+        present = box[:, 2] > 0
+        box[present, 0], box[present, 1] = lo_r[present], lo_c[present]
+        return box

@@ -93,7 +93,8 @@ def test_sphere_mean_ecd_within_2_percent(analysed):
     assert ecd.mean() == pytest.approx(130.8, rel=0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="measured SD 7.7 nm (classical cuts vary more than SAM's)")
+@pytest.mark.xfail(strict=True, reason="measured SD 6.58 nm: it includes the small, dim (partly hidden) "
+                   "and the free-standing spheres the reference left out; over the reference-matched ones 4.35 nm")
 def test_sphere_ecd_spread(analysed):
     assert _inner_spheres(analysed).ecd_nm.std() <= 1.5 * 3.5
 
@@ -109,7 +110,6 @@ def test_reference_spheres_found(analysed, reference):
     assert found / total >= 0.95
 
 
-@pytest.mark.xfail(strict=True, reason="measured 76 % of the reference dumbbells matched")
 def test_reference_dumbbells_found_with_two_lobes(analysed, reference):
     assert _matched_fraction(analysed, reference, "dumbbells", 2) >= 0.90
 
@@ -121,13 +121,13 @@ def test_dumbbell_lobe_diameter_within_3_percent(analysed):
     assert diam.mean() == pytest.approx(173.0, rel=0.03)
 
 
-@pytest.mark.xfail(strict=True, reason="measured 48 % of the reference trimers matched")
+@pytest.mark.xfail(strict=True, reason="measured 70 % of the reference trimers matched")
 def test_reference_trimers_found_with_three_lobes(analysed, reference):
     assert _matched_fraction(analysed, reference, "trimers", 3) >= 0.80
 
 
 def test_most_reference_fused_particles_have_several_lobes(analysed, reference):
-    """Regression guard on what the classical pipeline reaches today (measured: 76 % of the
-    reference dumbbells as 2-lobe particles, 58 % of the trimers as fused 2- or 3-lobe ones)."""
-    assert _matched_fraction(analysed, reference, "dumbbells", 2) >= 0.70
-    assert _matched_fraction(analysed, reference, "trimers", 3, accept=(2, 3)) >= 0.55
+    """Regression guard on what the classical pipeline reaches today (measured: 92 % of the
+    reference dumbbells as 2-lobe particles, 80 % of the trimers as fused 2- or 3-lobe ones)."""
+    assert _matched_fraction(analysed, reference, "dumbbells", 2) >= 0.85
+    assert _matched_fraction(analysed, reference, "trimers", 3, accept=(2, 3)) >= 0.70

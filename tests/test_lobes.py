@@ -11,8 +11,11 @@ from skimage.draw import disk
 
 from qcloop.config import ClassicalConfig, LobesConfig
 from qcloop.lobes import (
+    _cross_opening,
+    _dilate_square,
     border_flags,
     exterior_circle,
+    fill_enclosed_holes,
     fit_circle,
     fit_circles,
     group_lobes,
@@ -92,6 +95,83 @@ def test_a_chain_of_three_overlapping_disks_is_a_trimer():
     labels = _discs(shape, [(45, 40, 20), (45, 68, 18), (45, 96, 20)]).astype(np.int32)
     masks = group_lobes(Segmentation(labels, "test"), _image_for(labels), LobesConfig())
     assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 3
+
+
+@pytest.mark.parametrize("angle", [0, 35, 70])
+def test_trimer_with_a_small_dim_middle_lobe_cut_from_one_end_has_three_lobes(angle):
+    # big lobe a, small dimmer middle lobe b, medium lobe c in a chain; the segmenter cut the
+    # particle between b and c, so one region holds a and b, whose outline barely shows b
+    shape = (120, 180)
+    step = np.array([np.sin(np.deg2rad(angle)), np.cos(np.deg2rad(angle))])
+    a = np.array([45.0, 40.0])
+    b = a + 26 * step
+    c = b + 22 * step
+    da, db, dc = (_discs(shape, [(p[0], p[1], r)]) for p, r in ((a, 22), (b, 14), (c, 18)))
+    grey = np.full(shape, 0.3)
+    grey[da | db | dc] = 0.8
+    grey[db & ~da & ~dc] = 0.65
+    labels = np.zeros(shape, np.int32)
+    labels[da | db | dc] = 1
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    power_b = (yy - b[0]) ** 2 + (xx - b[1]) ** 2 - 14**2
+    power_c = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 - 18**2
+    labels[(labels == 1) & (power_c < power_b)] = 2  # the cut along the b|c neck
+    image = _image_for(labels, ndi.gaussian_filter(grey, 1.0))
+    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig())
+    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 3
+    centres = [tuple(np.round(p).astype(int)) for p in (a, b, c)]
+    assert len({int(masks.lobe_labels[r, col]) for r, col in centres}) == 3  # one lobe each
+
+
+def test_fused_lobes_fuse_when_the_cut_between_them_is_partly_open():
+    # the segmenter left a 1 px background line along the seam, touching at 4 px only: the
+    # neck is the whole stretch no more than 1 px wider than the narrowest gap
+    shape = (90, 140)
+    both = _discs(shape, [(45, 45, 20), (45, 73, 20)])
+    grey = np.full(shape, 0.3)
+    grey[both] = 0.8
+    labels = np.zeros(shape, np.int32)
+    cols = np.arange(shape[1])[None, :]
+    labels[both & (cols < 59)] = 1
+    labels[both & (cols > 59)] = 2
+    labels[43:47, 59] = 2
+    image = _image_for(labels, ndi.gaussian_filter(grey, 1.0))
+    feats = lobe_pair_features(labels, ndi.gaussian_filter(grey, 1.0))
+    assert feats.neck.iloc[0] > 0.65
+    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig())
+    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 2
+
+
+def test_dark_crevice_along_a_cut_does_not_widen_the_neck():
+    # as above, but the background line is a dark crevice between two pressed spheres
+    shape = (90, 140)
+    both = _discs(shape, [(45, 45, 20), (45, 73, 20)])
+    grey = np.full(shape, 0.3)
+    grey[both] = 0.8
+    grey[:, 59] = 0.35
+    grey[43:47, 59] = 0.8
+    labels = np.zeros(shape, np.int32)
+    cols = np.arange(shape[1])[None, :]
+    labels[both & (cols < 59)] = 1
+    labels[both & (cols > 59)] = 2
+    labels[43:47, 59] = 2
+    feats = lobe_pair_features(labels, ndi.gaussian_filter(grey, 1.0))
+    assert feats.neck.iloc[0] < 0.3
+
+
+def test_touching_spheres_cut_by_the_segmenter_stay_two_particles():
+    shape = (80, 130)
+    left, right = _discs(shape, [(40, 40, 20)]), _discs(shape, [(40, 80, 20)])  # 40 px apart: touching
+    grey = np.full(shape, 0.3)
+    grey[left | right] = 0.8
+    grey[:, 59:61] = np.minimum(grey[:, 59:61], 0.45)  # the darker contact
+    labels = np.zeros(shape, np.int32)
+    labels[left] = 1
+    labels[right & ~left] = 2
+    image = _image_for(labels, ndi.gaussian_filter(grey, 1.0))
+    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig())
+    assert masks.n_particles == 2
+    assert list(_lobe_counts(masks)[1:]) == [1, 1]
 
 
 def test_disks_touching_at_a_point_are_two_particles():
@@ -187,3 +267,28 @@ def test_exterior_circle_ignores_cut_sides():
     sl = ndi.find_objects(labels)[0]
     c = exterior_circle(labels[sl] == 1, (sl[0].start, sl[1].start), labels)
     assert (c.cy, c.cx, c.r) == pytest.approx((40, 40, 20.3), abs=0.8)
+
+
+def test_fill_enclosed_holes_only_fills_holes_of_one_region():
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:20, 5:20] = 1
+    labels[10:13, 10:13] = 0  # hole inside region 1
+    labels[5:20, 30:40] = 2
+    labels[5:20, 40:50] = 3
+    labels[10:13, 39:41] = 0  # hole between regions 2 and 3
+    labels[25:40, 5:20] = 4
+    labels[35:40, 10:12] = 0  # notch open to the image edge
+    out = fill_enclosed_holes(labels, 50)
+    assert (out[10:13, 10:13] == 1).all()
+    assert (out[10:13, 39:41] == 0).all() and (out[35:40, 10:12] == 0).all()
+    assert (fill_enclosed_holes(labels, 5)[10:13, 10:13] == 0).all()  # larger than max_area
+
+
+def test_fast_morphology_helpers_match_scipy():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        mask = ndi.gaussian_filter(rng.random((50, 70)), 2.0) > 0.5
+        for reach in (1, 3, 40):
+            expected = ndi.maximum_filter(mask.view(np.uint8), size=2 * reach + 1) > 0
+            assert np.array_equal(_dilate_square(mask, reach), expected)
+        assert np.array_equal(_cross_opening(mask, 2), ndi.binary_opening(mask, iterations=2))

@@ -150,3 +150,95 @@ def test_detect_candidates_table():
     assert (table.bbox_r1 > table.bbox_r0).all() and (table.bbox_c1 > table.bbox_c0).all()
     empty = detect_candidates(_sem(np.full((50, 50), 0.4, np.float32)), ClassicalConfig())
     assert list(empty.columns) == list(table.columns) and len(empty) == 0
+
+
+def _render_shaded(shape, disks, *, bg=BG, noise=0.02, seed=0, blur=1.0, gap=0.7):
+    """Spheres ((row, col, radius, brightness), ...) drawn ``gap`` px smaller than their radius,
+    so touching ones meet along a dark contact line about as narrow as the blur (as in SEM
+    images of packed spheres)."""
+    from scipy import ndimage as ndi
+
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    img = np.full(shape, bg, np.float32)
+    for r, c, rad, level in disks:
+        img = np.where(np.hypot(yy - r, xx - c) < rad - gap, np.maximum(img, level), img)
+    img = ndi.gaussian_filter(img, blur)
+    img += np.random.default_rng(seed).normal(0, noise, shape).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+def _hexagonal(n_rows, n_cols, radius, offset=30.0):
+    """Centres of a hexagonal packing of touching discs."""
+    return [(offset + i * radius * np.sqrt(3.0), offset + j * 2.0 * radius + (i % 2) * radius)
+            for i in range(n_rows) for j in range(n_cols)]
+
+
+def _ecd_at(labels, centres):
+    areas = np.bincount(labels.ravel())
+    ids = [int(labels[int(round(r)), int(round(c))]) for r, c in centres]
+    return ids, np.sqrt(4.0 * areas[ids] / np.pi)
+
+
+def test_row_of_touching_equal_discs_is_cut_into_equal_parts():
+    centres = [(40.0, 30.0 + 30.0 * k) for k in range(6)]
+    img = _render_shaded((80, 240), [(r, c, 15.0, 0.8) for r, c in centres])
+    labels = segment_classical(img, ClassicalConfig()).labels
+    ids, ecd = _ecd_at(labels, centres)
+    assert 0 not in ids and len(set(ids)) == len(centres)
+    # every cut on its contact line: the parts are as alike as the discs
+    assert ecd.std() / ecd.mean() < 0.03
+    assert ecd.mean() == pytest.approx(30.0, rel=0.08)
+
+
+def test_hexagonal_packing_same_size_inside_and_at_the_edge():
+    """Packed and free-standing discs get the same outline placement: the ECD of the inner
+    discs (six neighbours) matches that of the edge discs."""
+    centres = _hexagonal(5, 6, 14.0)
+    img = _render_shaded((200, 230), [(r, c, 14.0, 0.8) for r, c in centres], seed=4)
+    labels = segment_classical(img, ClassicalConfig()).labels
+    ids, ecd = _ecd_at(labels, centres)
+    assert 0 not in ids and len(set(ids)) == len(centres)
+    assert ecd.std() < 0.05 * ecd.mean()
+    inner = np.array([0 < k // 6 < 4 and 0 < k % 6 < 5 for k in range(len(centres))])
+    assert abs(ecd[inner].mean() - ecd[~inner].mean()) < 0.04 * ecd.mean()
+
+
+def test_dim_disc_with_darker_middle_is_one_region():
+    """A dim sphere packed among bright ones, brighter at its edge than in its middle (its core
+    is a ring), gets one marker of its own: not lost, not cut between its neighbours."""
+    centres = _hexagonal(3, 3, 15.0)
+    disks = [(r, c, 15.0, 0.85) for r, c in centres]
+    dim = 4  # the middle one
+    disks[dim] = (centres[dim][0], centres[dim][1], 15.0, 0.7)
+    img = _render_shaded((150, 150), disks, bg=0.2, seed=5, gap=1.5)
+    r, c = centres[dim]
+    img[disk((r, c), 7, shape=img.shape)] -= 0.1  # darker middle
+    labels = segment_classical(img, ClassicalConfig()).labels
+    ids, ecd = _ecd_at(labels, centres)
+    assert 0 not in ids and len(set(ids)) == len(centres)
+    own = labels == ids[dim]
+    rows, cols = np.nonzero(own)
+    assert abs(rows.mean() - r) < 2.0 and abs(cols.mean() - c) < 2.0
+    assert ecd[dim] == pytest.approx(np.median(ecd), rel=0.1)
+
+
+def test_small_disc_next_to_a_large_one_keeps_its_own_region():
+    disks = [(60.0, 50.0, 20.0, 0.85), (60.0, 50.0 + 20.0 + 11.0, 11.0, 0.75), (60.0, 150.0, 16.0, 0.85)]
+    img = _render_shaded((120, 190), disks, seed=6)
+    labels = segment_classical(img, ClassicalConfig()).labels
+    big, small = int(labels[60, 50]), int(labels[60, 81])
+    assert big != 0 and small != 0 and big != small
+    ecd_small = np.sqrt(4.0 * np.count_nonzero(labels == small) / np.pi)
+    assert ecd_small == pytest.approx(22.0, rel=0.15)
+
+
+def test_fused_lobes_give_one_region_per_lobe():
+    """Two overlapping discs (a dumbbell, faint seam): the segmenter hands one region per lobe
+    to the lobe grouping, cut near the neck."""
+    img = _render_shaded((110, 150), [(55.0, 55.0, 18.0, 0.8), (55.0, 55.0 + 28.0, 18.0, 0.8)], seed=7)
+    img[:, 68:71] -= 0.04  # faint seam across the neck
+    labels = segment_classical(img, ClassicalConfig()).labels
+    a, b = int(labels[55, 50]), int(labels[55, 88])
+    assert a != 0 and b != 0 and a != b
+    cut = np.flatnonzero((labels[55, :-1] == a) & (labels[55, 1:] == b))
+    assert cut.size == 1 and abs(cut[0] - 69) <= 3
