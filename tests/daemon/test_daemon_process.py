@@ -90,7 +90,11 @@ def test_kill_9_five_times_then_every_image_exactly_once(tmp_path: Path, machine
             assert notify.wait_for("READY=1", 60), log.read_text()[-3000:]
             for j in range(2):  # more images arrive between the crashes
                 write_image(watch / f"B_{100 + 2 * k + j:03d}.tif", 100 + 2 * k + j)
-            time.sleep(rng.uniform(0.3, 1.5))
+            # kill at a random moment once this run has done some work (on a slow or loaded
+            # machine a fixed delay may end every run before its first image)
+            before = sum(r["status"] == "done" for r in ledger_rows(state))
+            wait_until(lambda: sum(r["status"] == "done" for r in ledger_rows(state)) > before, 60)
+            time.sleep(rng.uniform(0.0, 0.8))
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             done = sum(r["status"] == "done" for r in ledger_rows(state))
