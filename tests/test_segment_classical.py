@@ -242,3 +242,22 @@ def test_fused_lobes_give_one_region_per_lobe():
     assert a != 0 and b != 0 and a != b
     cut = np.flatnonzero((labels[55, :-1] == a) & (labels[55, 1:] == b))
     assert cut.size == 1 and abs(cut[0] - 69) <= 3
+
+
+def test_small_lobe_fused_into_a_big_one_gets_its_own_region():
+    """A small lobe deep in a bigger one (the middle lobe of a trimer, no seam): its ridge in the
+    cores' distance map climbs into the big lobe, so it has no peak of its own; the core is too
+    big for the big lobe's disc and gets a second marker, cut near the neck (radical line at
+    column 69.5)."""
+    img = _render_shaded((110, 150), [(55.0, 55.0, 18.0, 0.8), (55.0, 77.0, 13.0, 0.8)], seed=8)
+    labels = segment_classical(img, ClassicalConfig(), expected_diameter_px=34.0).labels
+    big, small = int(labels[55, 50]), int(labels[55, 82])
+    assert big != 0 and small != 0 and big != small
+    cut = np.flatnonzero((labels[55, :-1] == big) & (labels[55, 1:] == small))
+    assert cut.size == 1 and abs(cut[0] - 69) <= 3
+
+
+def test_single_disc_gets_no_lobe_marker():
+    img = _render_shaded((90, 90), [(45.0, 45.0, 20.0, 0.8)], seed=9)
+    labels = segment_classical(img, ClassicalConfig(), expected_diameter_px=34.0).labels
+    assert len(np.unique(labels[labels > 0])) == 1

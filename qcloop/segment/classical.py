@@ -22,10 +22,13 @@ Every step takes its defaults from the image itself:
    the darker contact lines between particles fall out, and the middle of a dim particle
    whose edge is brighter than its centre is filled in. Markers are the centres of the discs
    inscribed in the cores (maxima of their distance map, each the deepest point within half
-   a radius, at least ``split_min_distance_frac`` x radius apart). A watershed floods the
-   cores first (a core holding several markers, as the merged cores of fused lobes, is split
-   at its narrowest part) and then the rest of the foreground by the darkness of the image,
-   so cuts follow the dark contact lines.
+   a radius, at least ``split_min_distance_frac`` x radius apart). A core too big for the
+   discs inscribed at its markers (a small lobe merged into the core of a bigger one, as the
+   middle lobe of a trimer) gets a marker at its deepest point well away from them
+   (:func:`_lobe_markers`). A watershed floods the cores first (a core holding several
+   markers, as the merged cores of fused lobes, is split at its narrowest part; one with an
+   added lobe marker along the radical lines of the markers' discs) and then the rest of the
+   foreground by the darkness of the image, so cuts follow the dark contact lines.
 6. **Outline** (:func:`half_max_outline`): each region keeps the pixels of its basin brighter
    than half-way between its own grey level and that of its surroundings (the full width
    at half maximum, the same for a free-standing and a packed particle); strips thinner
@@ -343,6 +346,15 @@ _CORE_LEVEL = 0.5
 _PEAK_DEPTH = 0.25
 #: Markers: a peak is the deepest point within this many radii.
 _PEAK_WINDOW = 0.5
+#: Lobe markers: a core is examined when it is more than this many times the area of the discs
+#: inscribed at its markers.
+_LOBE_EXCESS = 1.35
+#: Lobe markers: a new marker is at least this many radii from the other markers of its core ...
+_LOBE_APART = 1.2
+#: ... and at least this many radii deep in the core.
+_LOBE_CORE = 0.5
+#: Lobe markers: at most this many are added to one core.
+_LOBE_ROUNDS = 3
 #: Foreground where the local background is dark: this fraction of the particle-substrate
 #: contrast above the local background.
 _LOCAL_FG_LEVEL = 0.5
@@ -428,7 +440,8 @@ def segment_classical(
         # depth of the cores in radii (lightly smoothed: no ridge noise)
         depth = ndi.gaussian_filter(ndi.distance_transform_edt(core).astype(np.float32), 1.0) / r
         markers = _markers(depth, cores, r, cfg.split_min_distance_frac, min_area)
-        labels = _split(smoothed, fg, cores, depth, markers)
+        markers, lobed = _lobe_markers(depth, cores, markers, r)
+        labels = _split(smoothed, fg, cores, depth, markers, lobed, r)
     else:
         labels, _ = ndi.label(fg)
     if cfg.refine_outline:
@@ -470,7 +483,8 @@ def _core_components(img: np.ndarray, fg: np.ndarray, thr: float | np.ndarray, d
 
 
 def _split(smoothed: np.ndarray, fg: np.ndarray, cores: np.ndarray, depth: np.ndarray,
-           markers: np.ndarray) -> np.ndarray:
+           markers: np.ndarray, lobed: dict[int, tuple[slice, slice]] | None = None,
+           r: float = 1.0) -> np.ndarray:
     """Watershed of the foreground from ``markers``.
 
     The landscape is ``-depth`` on the cores (``cores``: labelled; flooded first, so a core
@@ -479,6 +493,8 @@ def _split(smoothed: np.ndarray, fg: np.ndarray, cores: np.ndarray, depth: np.nd
     particles follow the dark contact lines).
     A core holding one marker is that marker's in one piece, so only its outline pixels take
     part in the flooding (the costly part of a watershed is the number of pixels it floods).
+    The cores flagged in ``lobed`` (:func:`_lobe_markers`) are split by :func:`_power_split`
+    instead (``r``: the expected radius, px, the unit of ``depth``).
     """
     cc, ncc = cores, int(cores.max())
     per = np.bincount(cc[markers > 0], minlength=ncc + 1)
@@ -493,6 +509,8 @@ def _split(smoothed: np.ndarray, fg: np.ndarray, cores: np.ndarray, depth: np.nd
         box = np.s_[rows, cols]
         part = segmentation.watershed(-depth[box], markers[box], mask=several[box])
         seeds[box] = np.where(several[box], part, seeds[box])
+    if lobed:
+        _power_split(seeds, cc, markers, depth, lobed, r)
     lo, hi = np.percentile(smoothed[fg], [5, 95])
     dark = np.clip((hi - smoothed) / max(float(hi - lo), 1e-6), 0, 1)
     landscape = np.where(cc > 0, -depth, dark)
@@ -709,6 +727,101 @@ def _markers(depth: np.ndarray, cores: np.ndarray, r: float, min_distance_frac: 
         pos = np.unravel_index(last, depth.shape)
         markers[pos] = np.arange(len(pts) + 1, len(pts) + 1 + len(last))
     return markers
+
+
+def _lobe_markers(depth: np.ndarray, cores: np.ndarray, markers: np.ndarray, r: float
+                  ) -> tuple[np.ndarray, dict[int, tuple[slice, slice]]]:
+    """Extra markers for lobes merged into the core of a bigger neighbour.
+
+    A small lobe fused to a bigger one (the middle lobe of a trimer) often has no peak of its
+    own in the cores' distance map: its ridge climbs into the bigger lobe. A core component
+    more than ``_LOBE_EXCESS`` times the area of the discs inscribed at its markers (radius:
+    the depth there) is too big for them: its deepest point at least ``_LOBE_APART`` radii from
+    all its markers becomes a marker when it is at least ``_LOBE_CORE`` radii deep (up to
+    ``_LOBE_ROUNDS`` times per component). A single disc has no such point. Cores touching the
+    image edge (cut-off particles, not discs) are left alone.
+
+    Parameters
+    ----------
+    depth : ndarray of float32, shape (H, W)
+        Smoothed distance map of the cores, in radii ``r``.
+    cores : ndarray of int, shape (H, W)
+        Labelled core components, 0 = no core.
+    markers : ndarray of int32, shape (H, W)
+        Markers from :func:`_markers`.
+    r : float
+        Expected particle radius, px.
+
+    Returns
+    -------
+    markers : ndarray of int32
+        The markers with the new ones added.
+    lobed : dict
+        The core components that got a new marker: label -> bounding box (slices).
+    """
+    ncc = int(cores.max())
+    lobed: dict[int, tuple[slice, slice]] = {}
+    ys, xs = np.nonzero(markers)
+    if ncc == 0 or ys.size == 0:
+        return markers, lobed
+    comp = cores[ys, xs]
+    rad = depth[ys, xs] * r
+    area = np.bincount(cores.ravel(), minlength=ncc + 1)
+    discs = np.bincount(comp, np.pi * rad * rad, minlength=ncc + 1)
+    cand = np.flatnonzero((area > _LOBE_EXCESS * discs) & (discs > 0))
+    cand = cand[cand > 0]
+    if cand.size == 0:
+        return markers, lobed
+    out = markers.copy()
+    objs = ndi.find_objects(cores)
+    h, w = cores.shape
+    next_id = int(markers.max()) + 1
+    for c in cand:
+        sl = objs[c - 1]
+        if sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w:
+            continue
+        at = comp == c
+        cy, cx = list(ys[at]), list(xs[at])
+        # a new marker's disc (radius _LOBE_CORE) lies in the box, beyond _LOBE_APART of each marker
+        reach = np.hypot(np.maximum(ys[at] - sl[0].start, sl[0].stop - 1 - ys[at]),
+                         np.maximum(xs[at] - sl[1].start, sl[1].stop - 1 - xs[at]))
+        if reach.min() < (_LOBE_APART + _LOBE_CORE) * r:
+            continue
+        own = cores[sl] == c
+        yy = np.arange(sl[0].start, sl[0].stop)[:, None]
+        xx = np.arange(sl[1].start, sl[1].stop)[None, :]
+        for _ in range(_LOBE_ROUNDS):
+            far = own.copy()
+            for y0, x0 in zip(cy, cx):
+                far &= (yy - y0) ** 2 + (xx - x0) ** 2 >= (_LOBE_APART * r) ** 2
+            if not far.any():
+                break
+            dd = np.where(far, depth[sl], 0)
+            k = int(np.argmax(dd))
+            if dd.flat[k] < _LOBE_CORE:
+                break
+            y, x = np.unravel_index(k, dd.shape)
+            out[sl][y, x] = next_id
+            next_id += 1
+            lobed[int(c)] = sl
+            cy.append(y + sl[0].start)
+            cx.append(x + sl[1].start)
+    return out, lobed
+
+
+def _power_split(seeds: np.ndarray, cores: np.ndarray, markers: np.ndarray, depth: np.ndarray,
+                 lobed: dict[int, tuple[slice, slice]], r: float) -> None:
+    """Split the ``lobed`` core components (in ``seeds``, in place) among their markers by the
+    power distance ``|p - c|^2 - R^2`` (``R``: depth at the marker): two overlapping discs are
+    cut along their radical line, the neck."""
+    for c, sl in lobed.items():
+        own = cores[sl] == c
+        my, mx = np.nonzero(own & (markers[sl] > 0))
+        yy = np.arange(own.shape[0])[:, None, None]
+        xx = np.arange(own.shape[1])[None, :, None]
+        power = (yy - my) ** 2 + (xx - mx) ** 2 - (depth[sl][my, mx] * r) ** 2
+        ids = markers[sl][my, mx][np.argmin(power, axis=2)]
+        seeds[sl] = np.where(own, ids, seeds[sl])
 
 
 def _drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
