@@ -170,11 +170,7 @@ class LobesConfig(Section):
     Regions split into lobes where their background-facing outline is several circles. Touching
     lobes fuse when the log-odds of ``qcloop.lobes.FUSE_MODEL`` (neck width, darkness of the
     common boundary, overlap of the lobes' circles) is at least ``fuse_score``: raise it to fuse
-    less, lower it to fuse more. A third lobe joins a fused pair at log-odds of at least
-    ``third_lobe_score`` (a trimer's middle lobe often has a narrow neck to one end). A particle
-    grows beyond ``large_lobes`` lobes only across a pair of log-odds at least
-    ``large_fuse_score`` (so a weak link to a neighbour does not chain a trimer or dumbbell into
-    a bigger aggregate). Lobes meeting across a neck narrower than ``min_neck`` x the
+    less, lower it to fuse more. Lobes meeting across a neck narrower than ``min_neck`` x the
     smaller lobe's inscribed radius (a point contact) never fuse. Lobes facing each other across
     a background gap of at most ``max_gap`` x the typical lobe radius count as neighbours (the
     segmenter may cut a fused neck along its seam). ``dim_lobes``: lobe-sized background blobs
@@ -185,9 +181,6 @@ class LobesConfig(Section):
     enabled: bool = True
     max_lobes: int = Field(default=6, ge=1)
     fuse_score: float = 1.0
-    third_lobe_score: float = 0.0
-    large_lobes: int = Field(default=3, ge=1)
-    large_fuse_score: float = 4.5
     min_neck: float = Field(default=0.3, ge=0)
     max_gap: float = Field(default=0.3, ge=0)
     dim_lobes: bool = True

@@ -41,9 +41,7 @@ lobe radius ``r`` of the image (the median largest inscribed radius of the regio
 3. **Decide** with a logistic model on these features, :data:`FUSE_MODEL` (are two lobes one
    particle?): lobes fuse where its log-odds (:func:`fuse_logit`) reach
    ``LobesConfig.fuse_score`` and the neck is at least ``min_neck``, best pair first, and no
-   particle grows beyond ``max_lobes``. A third lobe joins a fused pair where the log-odds reach
-   ``third_lobe_score``; a particle grows beyond ``large_lobes`` lobes only across a pair of
-   log-odds at least ``large_fuse_score``. The gap between fused lobes becomes part of the
+   particle grows beyond ``max_lobes``. The gap between fused lobes becomes part of the
    particle; a recovered dim blob that fuses with nothing is dropped.
 
 :func:`exterior_circle`, :func:`fit_circle` and :func:`fit_circles` are also useful on their
@@ -1542,21 +1540,14 @@ def group_lobes(seg: Segmentation, image: SemImage, cfg: LobesConfig | None = No
     b = feats["b"].to_numpy()
     fuse = fuse_logit(feats)
     fuse[~(feats["neck"].to_numpy(float) >= cfg.min_neck)] = -np.inf
-    # lobes fuse into particles, best pair first, up to max_lobes lobes per particle; a third
-    # lobe joins a fused pair at log-odds >= third_lobe_score (a trimer's middle lobe has a weak
-    # neck to one end); a particle grows beyond large_lobes lobes only across a link of log-odds
-    # >= large_fuse_score (a weak link to a neighbour would chain a trimer into an aggregate)
+    # lobes fuse into particles, best pair first, up to max_lobes lobes per particle
     uf = _UnionFind(m + 1)
     fused = np.zeros(len(feats), bool)
     for i in np.argsort(-fuse):
-        if not fuse[i] >= min(cfg.fuse_score, cfg.third_lobe_score):
+        if not fuse[i] >= cfg.fuse_score:
             break
         ra, rb = uf.find(int(a[i])), uf.find(int(b[i]))
-        size = uf.size[ra] + uf.size[rb]
-        need = cfg.third_lobe_score if size == 3 else cfg.fuse_score
-        if size > cfg.large_lobes:
-            need = max(need, cfg.large_fuse_score)
-        if ra != rb and size <= cfg.max_lobes and fuse[i] >= need:
+        if ra != rb and uf.size[ra] + uf.size[rb] <= cfg.max_lobes:
             uf.union(ra, rb)
         fused[i] = uf.find(ra) == uf.find(rb)
     roots = uf.roots()

@@ -224,38 +224,6 @@ def test_max_lobes_caps_particles():
     assert _lobe_counts(masks)[1:].max() <= 2
 
 
-def test_particles_grow_beyond_large_lobes_only_across_strong_links():
-    # four lobes in a row, the segmenter cut at each neck: the necks' log-odds are below
-    # large_fuse_score, so no particle gets more than large_lobes lobes
-    shape = (90, 180)
-    chain = _discs(shape, [(45, 30, 20), (45, 62, 20), (45, 94, 20), (45, 126, 20)])
-    labels = np.zeros(shape, np.int32)
-    labels[chain] = 1
-    for k, cut in enumerate([46, 78, 110]):
-        labels[chain & (np.arange(shape[1])[None, :] >= cut)] = k + 2
-    image = _image_for(labels)
-    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig())
-    assert masks.n_particles >= 2 and _lobe_counts(masks)[1:].max() <= 3
-    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig(large_fuse_score=-np.inf))
-    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 4
-    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig(large_lobes=4))
-    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 4
-
-
-def test_a_third_lobe_joins_a_fused_pair_at_third_lobe_score():
-    shape = (90, 150)
-    chain = _discs(shape, [(45, 30, 20), (45, 62, 20), (45, 94, 20)])
-    labels = np.zeros(shape, np.int32)
-    labels[chain] = 1
-    for k, cut in enumerate([46, 78]):
-        labels[chain & (np.arange(shape[1])[None, :] >= cut)] = k + 2
-    image = _image_for(labels)
-    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig())
-    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 3
-    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig(third_lobe_score=np.inf))
-    assert masks.n_particles == 2 and sorted(_lobe_counts(masks)[1:]) == [1, 2]
-
-
 def test_invariants_of_the_output():
     shape = (90, 190)
     labels = _discs(shape, [(45, 40, 20), (45, 68, 18)]).astype(np.int32)
