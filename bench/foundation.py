@@ -124,6 +124,16 @@ def main(argv=None) -> int:
           f"torch threads {torch.get_num_threads()}")
 
     # ------------------------------------------------------------------ fast path
+    def time_pipeline(times: dict[str, float], segmenter, embedder):
+        """Segment and embed ``image``, timing "sam", "dinov2" and their "total" into ``times``."""
+        with timed(times, "sam"):
+            seg = segmenter(image)
+        with timed(times, "dinov2"):
+            vectors = embedder(image, masks, particles)
+        for k in ("", "_cpu"):
+            times["total" + k] = times["sam" + k] + times["dinov2" + k]
+        return seg, vectors
+
     def run_fast(label: str) -> tuple[dict[str, float], np.ndarray]:
         fast: dict[str, float] = {}
         sam_fast = SamSegmenter(sam_base.model_copy(update={"mode": "prompted"}), classical)
@@ -140,12 +150,7 @@ def main(argv=None) -> int:
 
         sam_fast.encode, sam_fast.predict_prompts = enc_timed, dec_timed
         emb_fast = Dinov2Embedder(dino_base.model_copy(update={"mode": args.fast_embed}))
-        with timed(fast, "sam"):
-            seg = sam_fast(image)
-        with timed(fast, "dinov2"):
-            v_fast = emb_fast(image, masks, particles)
-        for k in ("", "_cpu"):
-            fast["total" + k] = fast["sam" + k] + fast["dinov2" + k]
+        seg, v_fast = time_pipeline(fast, sam_fast, emb_fast)
         print(f"fast ({label}):  SAM prompted ({len(cand)} point prompts, batches of "
               f"{sam_fast.prompt_batch_size}): {_ws(fast, 'sam')}  [encoder {_ws(fast, 'encode')}, decoder + "
               f"windowed upsampling {_ws(fast, 'decode')}, candidates + overlaps "
@@ -163,12 +168,7 @@ def main(argv=None) -> int:
     stock: dict[str, float] = {}
     sam_auto = SamSegmenter(sam_base.model_copy(update={"mode": "auto"}), classical)
     emb_stock = Dinov2Embedder(dino_base.model_copy(update={"mode": "crop", "batch_size": 1}))
-    with timed(stock, "sam"):
-        seg_auto = sam_auto(image)
-    with timed(stock, "dinov2"):
-        v_stock = emb_stock(image, masks, particles)
-    for k in ("", "_cpu"):
-        stock["total" + k] = stock["sam" + k] + stock["dinov2" + k]
+    seg_auto, v_stock = time_pipeline(stock, sam_auto, emb_stock)
     g = args.points_per_side
     print(f"stock: SAM automatic ({g}x{g} = {g * g} prompts, IoU>=0.95, stability>=0.95, 500 px): "
           f"{_ws(stock, 'sam')}  [{seg_auto.n_regions} masks pass the filters with random weights; "

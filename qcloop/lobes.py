@@ -56,6 +56,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from qcloop._binary import cross_opening, dilate_square
 from qcloop.config import LobesConfig
 from qcloop.records import ParticleMasks, Segmentation, SemImage
 
@@ -592,45 +593,10 @@ def fill_enclosed_holes(labels: np.ndarray, max_area: float) -> np.ndarray:
     return out
 
 
-def _dilate_square(mask: np.ndarray, reach: int) -> np.ndarray:
-    """``mask`` (bool) dilated by a square of side ``2 reach + 1`` (array shifts; as
-    ``ndi.maximum_filter(mask, size=2 * reach + 1)``)."""
-    out = mask.copy()
-    for d in range(1, reach + 1):
-        out[:, d:] |= mask[:, :-d]
-        out[:, :-d] |= mask[:, d:]
-    rows = out.copy()
-    for d in range(1, reach + 1):
-        out[d:, :] |= rows[:-d, :]
-        out[:-d, :] |= rows[d:, :]
-    return out
-
-
 def _pad_columns(a: np.ndarray, w: int) -> np.ndarray:
     """``a`` (2-D) with ``w`` columns of zeros on either side."""
     out = np.zeros((a.shape[0], a.shape[1] + 2 * w), a.dtype)
     out[:, w: w + a.shape[1]] = a
-    return out
-
-
-def _cross_opening(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """``ndi.binary_opening(mask, iterations=iterations)`` with the default (cross) structure,
-    by array shifts (several times faster)."""
-    out = mask.copy()
-    for _ in range(iterations):  # erosion; outside the image counts as False
-        m = out.copy()
-        out[1:, :] &= m[:-1, :]
-        out[:-1, :] &= m[1:, :]
-        out[:, 1:] &= m[:, :-1]
-        out[:, :-1] &= m[:, 1:]
-        out[0, :] = out[-1, :] = False
-        out[:, 0] = out[:, -1] = False
-    for _ in range(iterations):  # dilation
-        m = out.copy()
-        out[1:, :] |= m[:-1, :]
-        out[:-1, :] |= m[1:, :]
-        out[:, 1:] |= m[:, :-1]
-        out[:, :-1] |= m[:, 1:]
     return out
 
 
@@ -659,13 +625,13 @@ def recover_dim_lobes(labels: np.ndarray, grey: np.ndarray, r_typ: float) -> np.
     """
     fg = labels > 0
     reach = max(1, int(round(r_typ)))
-    far = ~_dilate_square(fg, reach)
+    far = ~dilate_square(fg, reach)
     if far.mean() < 0.02 or not fg.any():
         return labels
     substrate = float(np.median(grey[far]))
     level = float(np.median(grey[fg]))
     cand = ~fg & (grey >= substrate - 0.15 * max(level - substrate, 0.0))
-    cand = _cross_opening(cand, 2)
+    cand = cross_opening(cand, 2)
     comp, n = ndi.label(cand)
     if n == 0:
         return labels
@@ -761,7 +727,7 @@ def _outline_points(labels: np.ndarray, clearance: float, which: np.ndarray | No
     blocked[0, :] = blocked[-1, :] = True
     blocked[:, 0] = blocked[:, -1] = True
     reach = int(np.ceil(clearance))
-    near = _dilate_square(blocked, reach)
+    near = dilate_square(blocked, reach)
     labs, ys, xs = [], [], []
     for axis, diff in ((1, h), (0, v)):
         if axis == 1:

@@ -10,9 +10,9 @@ from scipy import ndimage as ndi
 from skimage.draw import disk
 
 from qcloop.config import ClassicalConfig, LobesConfig
+from qcloop._binary import cross_opening as _cross_opening
+from qcloop._binary import dilate_square as _dilate_square
 from qcloop.lobes import (
-    _cross_opening,
-    _dilate_square,
     border_flags,
     exterior_circle,
     fill_enclosed_holes,
@@ -123,9 +123,9 @@ def test_trimer_with_a_small_dim_middle_lobe_cut_from_one_end_has_three_lobes(an
     assert len({int(masks.lobe_labels[r, col]) for r, col in centres}) == 3  # one lobe each
 
 
-def test_fused_lobes_fuse_when_the_cut_between_them_is_partly_open():
-    # the segmenter left a 1 px background line along the seam, touching at 4 px only: the
-    # neck is the whole stretch no more than 1 px wider than the narrowest gap
+def _two_lobes_cut_along_column_59():
+    """Two fused discs cut by a 1 px background line (column 59), touching at 4 px only:
+    (bright-lobes grey image, labels)."""
     shape = (90, 140)
     both = _discs(shape, [(45, 45, 20), (45, 73, 20)])
     grey = np.full(shape, 0.3)
@@ -135,6 +135,13 @@ def test_fused_lobes_fuse_when_the_cut_between_them_is_partly_open():
     labels[both & (cols < 59)] = 1
     labels[both & (cols > 59)] = 2
     labels[43:47, 59] = 2
+    return grey, labels
+
+
+def test_fused_lobes_fuse_when_the_cut_between_them_is_partly_open():
+    # the segmenter left a 1 px background line along the seam, touching at 4 px only: the
+    # neck is the whole stretch no more than 1 px wider than the narrowest gap
+    grey, labels = _two_lobes_cut_along_column_59()
     image = _image_for(labels, ndi.gaussian_filter(grey, 1.0))
     feats = lobe_pair_features(labels, ndi.gaussian_filter(grey, 1.0))
     assert feats.neck.iloc[0] > 0.65
@@ -144,17 +151,9 @@ def test_fused_lobes_fuse_when_the_cut_between_them_is_partly_open():
 
 def test_dark_crevice_along_a_cut_does_not_widen_the_neck():
     # as above, but the background line is a dark crevice between two pressed spheres
-    shape = (90, 140)
-    both = _discs(shape, [(45, 45, 20), (45, 73, 20)])
-    grey = np.full(shape, 0.3)
-    grey[both] = 0.8
+    grey, labels = _two_lobes_cut_along_column_59()
     grey[:, 59] = 0.35
     grey[43:47, 59] = 0.8
-    labels = np.zeros(shape, np.int32)
-    cols = np.arange(shape[1])[None, :]
-    labels[both & (cols < 59)] = 1
-    labels[both & (cols > 59)] = 2
-    labels[43:47, 59] = 2
     feats = lobe_pair_features(labels, ndi.gaussian_filter(grey, 1.0))
     assert feats.neck.iloc[0] < 0.3
 

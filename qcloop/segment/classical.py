@@ -47,6 +47,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
+from qcloop._binary import cross_opening
 from qcloop.config import ClassicalConfig
 from qcloop.records import Segmentation, SemImage
 
@@ -254,31 +255,6 @@ def _half_res_filter(fn, img: np.ndarray, size: float) -> np.ndarray:
     return np.repeat(np.repeat(half, 2, axis=0), 2, axis=1)[:h, :w]
 
 
-def _cross_step(mask: np.ndarray, erode: bool) -> np.ndarray:
-    """Erosion (background outside the image) or dilation by the 3 x 3 cross."""
-    out = mask.copy()
-    op = np.logical_and if erode else np.logical_or
-    op(out[1:], mask[:-1], out=out[1:])
-    op(out[:-1], mask[1:], out=out[:-1])
-    op(out[:, 1:], mask[:, :-1], out=out[:, 1:])
-    op(out[:, :-1], mask[:, 1:], out=out[:, :-1])
-    if erode:
-        out[[0, -1], :] = False
-        out[:, [0, -1]] = False
-    return out
-
-
-def _cross_opening(mask: np.ndarray, times: int) -> np.ndarray:
-    """``ndi.binary_opening`` by the cross dilated ``times - 1`` times by itself (the discs of
-    radius 1 and 2), with shifted copies instead of a generic structuring element."""
-    out = mask
-    for _ in range(times):
-        out = _cross_step(out, True)
-    for _ in range(times):
-        out = _cross_step(out, False)
-    return out
-
-
 def _keep_components_with(mask: np.ndarray, seeds: np.ndarray, min_count: int = 1) -> np.ndarray:
     """Connected components of ``mask`` holding at least ``min_count`` ``seeds`` pixels."""
     lab, n = ndi.label(mask)
@@ -320,7 +296,7 @@ def estimate_diameter_px(intensity: np.ndarray, *, dark_particles: bool = False,
     if float(s.max()) <= float(s.min()):
         return _MIN_DIAMETER_PX
     levels = levels if levels is not None else grey_levels(s)
-    fg = _cross_opening(s > levels.level(0.5), 1)
+    fg = cross_opening(s > levels.level(0.5), 1)
     if not fg.any():
         return _MIN_DIAMETER_PX
     edt = ndi.distance_transform_edt(fg).astype(np.float32)
@@ -686,7 +662,7 @@ def open_regions(labels: np.ndarray, radius: int) -> np.ndarray:
     # take out both sides of every cut so regions are opened separately
     cut = _cut_pixels(labels)
     if radius <= 2:  # disk(1) is the cross, disk(2) the cross dilated by itself
-        opened = _cross_opening(fg & ~cut, radius)
+        opened = cross_opening(fg & ~cut, radius)
     else:
         opened = ndi.binary_opening(fg & ~cut, structure=morphology.disk(radius))
     kept = np.where(opened, labels, 0)
