@@ -170,7 +170,13 @@ class LobesConfig(Section):
     Regions split into lobes where their background-facing outline is several circles. Touching
     lobes fuse when the log-odds of ``qcloop.lobes.FUSE_MODEL`` (neck width, darkness of the
     common boundary, overlap of the lobes' circles) is at least ``fuse_score``: raise it to fuse
-    less, lower it to fuse more. Lobes meeting across a neck narrower than ``min_neck`` x the
+    less, lower it to fuse more. A single lobe joins a two-lobe particle whose own neck is
+    unmistakable (log-odds at least ``clear_pair_score``) already at log-odds of at least
+    ``third_lobe_score`` when it continues the chain: the angle at the lobe it joins, between
+    the centroids of the other two, is at least ``third_lobe_angle`` degrees (a trimer's middle
+    lobe often meets one end across a narrow, darker neck; a lobe beside the pair's neck may be
+    a neighbouring particle or the other half of a split lobe). Set ``third_lobe_score`` to
+    ``fuse_score`` to switch this off. Lobes meeting across a neck narrower than ``min_neck`` x the
     smaller lobe's inscribed radius (a point contact) never fuse. Lobes facing each other across
     a background gap of at most ``max_gap`` x the typical lobe radius count as neighbours (the
     segmenter may cut a fused neck along its seam). ``dim_lobes``: lobe-sized background blobs
@@ -181,6 +187,9 @@ class LobesConfig(Section):
     enabled: bool = True
     max_lobes: int = Field(default=6, ge=1)
     fuse_score: float = 1.0
+    third_lobe_score: float = -0.5
+    clear_pair_score: float = 4.0
+    third_lobe_angle: float = Field(default=100.0, ge=0, le=180)
     min_neck: float = Field(default=0.3, ge=0)
     max_gap: float = Field(default=0.3, ge=0)
     dim_lobes: bool = True

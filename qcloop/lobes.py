@@ -41,8 +41,15 @@ lobe radius ``r`` of the image (the median largest inscribed radius of the regio
 3. **Decide** with a logistic model on these features, :data:`FUSE_MODEL` (are two lobes one
    particle?): lobes fuse where its log-odds (:func:`fuse_logit`) reach
    ``LobesConfig.fuse_score`` and the neck is at least ``min_neck``, best pair first, and no
-   particle grows beyond ``max_lobes``. The gap between fused lobes becomes part of the
-   particle; a recovered dim blob that fuses with nothing is dropped.
+   particle grows beyond ``max_lobes``. A third lobe joins a pair that is unmistakably one
+   particle (fused across a neck of log-odds at least ``clear_pair_score``) at the lower
+   ``third_lobe_score`` where it continues the chain (the angle at the lobe it joins between
+   the other two lobes' centroids is at least ``third_lobe_angle``): a trimer's middle lobe
+   often meets one end across a narrow, darker neck. A lobe beside the pair's neck (a
+   neighbouring particle, or the other half of a lobe split along the particle's axis), lobes
+   that are not yet part of a clear pair, and growth beyond three lobes still need
+   ``fuse_score``. The gap between fused lobes becomes part of the particle; a recovered dim
+   blob that fuses with nothing is dropped.
 
 :func:`exterior_circle`, :func:`fit_circle` and :func:`fit_circles` are also useful on their
 own (circles fitted to lobe outlines).
@@ -1417,6 +1424,66 @@ def _bridge_gaps(lobes: np.ndarray, particle_of_lobe: np.ndarray, geo: _Geometry
     return np.where(fill, ext, lobes).astype(np.int32)
 
 
+def _fuse_lobes(a: np.ndarray, b: np.ndarray, fuse: np.ndarray, centres: np.ndarray, cfg: LobesConfig
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3 of the grouping: fuse lobes 1..m into particles, best pair first.
+
+    Pair ``i`` joins lobes ``a[i]`` and ``b[i]`` at log-odds ``fuse[i]`` (-inf: never). Two
+    particles merge where the log-odds reach ``cfg.fuse_score`` and the result has at most
+    ``cfg.max_lobes`` lobes. A single lobe joins a two-lobe particle whose own neck reached
+    ``cfg.clear_pair_score`` already at ``cfg.third_lobe_score`` when it continues the chain:
+    the angle at the lobe it joins, between its centre and the pair's other lobe's centre, is at
+    least ``cfg.third_lobe_angle`` (the narrow middle neck of a trimer).
+
+    Parameters
+    ----------
+    centres : ndarray of float, shape (m + 1, 2)
+        Row, column of every lobe's centroid (row 0 unused).
+
+    Returns
+    -------
+    roots : ndarray of int, shape (m + 1,)
+        Union-find root of every lobe (one per particle).
+    fused : ndarray of bool, shape (len(a),)
+        Pairs that are links of one particle: the pair that joined them, or a pair inside one
+        particle with log-odds of at least ``fuse_score``.
+    """
+    m = len(centres) - 1
+    uf = _UnionFind(m + 1)
+    strongest = np.full(m + 1, -np.inf)  # strongest link inside each particle, at its root
+    pair_of: dict[int, tuple[int, int]] = {}  # the lobes of each two-lobe particle, at its root
+    fused = np.zeros(len(fuse), bool)
+    floor = min(cfg.fuse_score, cfg.third_lobe_score)
+    min_cos = np.cos(np.deg2rad(cfg.third_lobe_angle))
+    for i in np.argsort(-fuse):
+        if not fuse[i] >= floor:
+            break
+        ai, bi = int(a[i]), int(b[i])
+        ra, rb = uf.find(ai), uf.find(bi)
+        if ra == rb:
+            fused[i] = fuse[i] >= cfg.fuse_score
+            continue
+        size = uf.size[ra] + uf.size[rb]
+        need = cfg.fuse_score
+        if size == 3 and fuse[i] >= cfg.third_lobe_score and max(strongest[ra], strongest[rb]) >= cfg.clear_pair_score:
+            # a single lobe beside a clear pair: does it continue the chain beyond the lobe it joins?
+            single, joined, pair_root = (ai, bi, rb) if uf.size[ra] == 1 else (bi, ai, ra)
+            other = [k for k in pair_of[pair_root] if k != joined][0]
+            u, v = centres[single] - centres[joined], centres[other] - centres[joined]
+            cos = float(u @ v) / max(float(np.hypot(*u) * np.hypot(*v)), 1e-9)
+            if cos <= min_cos:
+                need = min(need, cfg.third_lobe_score)
+        if size <= cfg.max_lobes and fuse[i] >= need:
+            link = max(strongest[ra], strongest[rb], fuse[i])
+            uf.union(ra, rb)
+            root = uf.find(ra)
+            strongest[root] = link
+            if size == 2:
+                pair_of[root] = (ai, bi)
+            fused[i] = True
+    return uf.roots(), fused
+
+
 def _pieces_and_features(labels: np.ndarray, intensity: np.ndarray, cfg: LobesConfig
                          ) -> tuple[np.ndarray, int, _Geometry, float, np.ndarray, pd.DataFrame]:
     """Steps 1 and 2 of the grouping.
@@ -1506,17 +1573,11 @@ def group_lobes(seg: Segmentation, image: SemImage, cfg: LobesConfig | None = No
     b = feats["b"].to_numpy()
     fuse = fuse_logit(feats)
     fuse[~(feats["neck"].to_numpy(float) >= cfg.min_neck)] = -np.inf
-    # lobes fuse into particles, best pair first, up to max_lobes lobes per particle
-    uf = _UnionFind(m + 1)
-    fused = np.zeros(len(feats), bool)
-    for i in np.argsort(-fuse):
-        if not fuse[i] >= cfg.fuse_score:
-            break
-        ra, rb = uf.find(int(a[i])), uf.find(int(b[i]))
-        if ra != rb and uf.size[ra] + uf.size[rb] <= cfg.max_lobes:
-            uf.union(ra, rb)
-        fused[i] = uf.find(ra) == uf.find(rb)
-    roots = uf.roots()
+    rows, cols = np.nonzero(lobes)
+    lab = lobes[rows, cols]
+    count = np.maximum(np.bincount(lab, minlength=m + 1), 1)
+    centres = np.column_stack([np.bincount(lab, rows, m + 1), np.bincount(lab, cols, m + 1)]) / count[:, None]
+    roots, fused = _fuse_lobes(a, b, fuse, centres, cfg)
     # a recovered dim blob stays only as a lobe of a particle with other lobes
     alone = np.bincount(roots, weights=~recovered, minlength=m + 1) == 0
     roots = np.where(alone[roots], 0, roots)

@@ -13,11 +13,14 @@ from qcloop.config import ClassicalConfig, LobesConfig
 from qcloop._binary import cross_opening as _cross_opening
 from qcloop._binary import dilate_square as _dilate_square
 from qcloop.lobes import (
+    _fuse_lobes,
+    _pieces_and_features,
     border_flags,
     exterior_circle,
     fill_enclosed_holes,
     fit_circle,
     fit_circles,
+    fuse_logit,
     group_lobes,
     lobe_pair_features,
 )
@@ -121,6 +124,87 @@ def test_trimer_with_a_small_dim_middle_lobe_cut_from_one_end_has_three_lobes(an
     assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 3
     centres = [tuple(np.round(p).astype(int)) for p in (a, b, c)]
     assert len({int(masks.lobe_labels[r, col]) for r, col in centres}) == 3  # one lobe each
+
+
+def _lobe_beside(left_discs, contact_grey: float = 0.715):
+    """``left_discs`` (one region) and a separate disc of radius 20 at column 102 that meets the
+    disc at column 68 across a 0.62 r neck whose 2 px rim is ``contact_grey`` (lobes 0.8,
+    background 0.3): a narrow, slightly darker neck. (image, labels)"""
+    shape = (90, 140)
+    left = _discs(shape, left_discs)
+    right = _discs(shape, [(45, 102, 20)]) & ~left
+    grey = np.full(shape, 0.3)
+    grey[left | right] = 0.8
+    grey[right & ndi.binary_dilation(left, iterations=2)] = contact_grey
+    labels = np.zeros(shape, np.int32)
+    labels[left] = 1
+    labels[right] = 2
+    return _image_for(labels, ndi.gaussian_filter(grey, 1.0)), labels
+
+
+def test_a_third_lobe_joins_a_clear_pair_across_a_narrow_neck():
+    cfg = LobesConfig()
+    # a dumbbell (clear pair) with a third lobe beside it: the trimer of a chain whose middle
+    # lobe meets one end across a narrow, slightly darker neck
+    image, labels = _lobe_beside([(45, 40, 20), (45, 68, 20)])
+    *_, lobes, feats = _pieces_and_features(labels, image.intensity(), cfg)
+    logits = fuse_logit(feats)
+    assert int(lobes.max()) == 3 and logits.max() >= cfg.clear_pair_score
+    weak = logits.min()
+    assert cfg.third_lobe_score <= weak < cfg.fuse_score  # the case this rule is about
+    masks = group_lobes(Segmentation(labels, "test"), image, cfg)
+    assert masks.n_particles == 1 and _lobe_counts(masks)[1] == 3
+    assert masks.labels[45, 40] == masks.labels[45, 102]
+    # without the rule (third lobes need fuse_score too) it stays a dumbbell and a sphere
+    masks = group_lobes(Segmentation(labels, "test"), image, LobesConfig(third_lobe_score=cfg.fuse_score))
+    assert masks.n_particles == 2 and sorted(_lobe_counts(masks)[1:]) == [1, 2]
+
+
+def test_a_lobe_beside_a_single_lobe_needs_fuse_score():
+    # the same neck between two single lobes (no clear pair): two particles
+    cfg = LobesConfig()
+    image, labels = _lobe_beside([(45, 68, 20)])
+    feats = lobe_pair_features(labels, image.intensity())
+    assert len(feats) == 1
+    assert cfg.third_lobe_score <= fuse_logit(feats)[0] < cfg.fuse_score
+    masks = group_lobes(Segmentation(labels, "test"), image, cfg)
+    assert masks.n_particles == 2 and list(_lobe_counts(masks)[1:]) == [1, 1]
+
+
+def test_fuse_lobes_third_lobe_rule():
+    cfg = LobesConfig(fuse_score=1.0, third_lobe_score=-0.5, clear_pair_score=4.0, third_lobe_angle=100.0,
+                      max_lobes=6)
+    chain = np.array([[0, 0], [50, 0], [50, 30], [50, 60], [50, 90]], float)  # lobes 1..4 in a row
+
+    def groups(pairs, centres=chain):
+        a, b, f = (np.array(v) for v in zip(*pairs))
+        roots, fused = _fuse_lobes(a, b, f.astype(float), centres, cfg)
+        lab = {}
+        return [lab.setdefault(int(r), len(lab)) for r in roots[1:]], fused
+
+    # clear pair 1-2, lobe 3 continues the chain and joins at 0.2 (>= third_lobe_score); its
+    # link counts as fused
+    g, fused = groups([(1, 2, 6.0), (2, 3, 0.2)])
+    assert g == [0, 0, 0, 1] and fused.tolist() == [True, True]
+    # ... but not below third_lobe_score
+    assert groups([(1, 2, 6.0), (2, 3, -0.8)])[0] == [0, 0, 1, 2]
+    # ... nor beside the neck of the pair (angle 60 degrees at lobe 2: a neighbour particle or
+    # the other half of a split lobe)
+    beside = chain.copy()
+    beside[3] = (50 + 30 * np.sin(np.pi / 3), 30 * np.cos(np.pi / 3))
+    assert groups([(1, 2, 6.0), (2, 3, 0.2)], beside)[0] == [0, 0, 1, 2]
+    assert groups([(1, 2, 6.0), (2, 3, 1.5)], beside)[0] == [0, 0, 0, 1]  # fuse_score still fuses
+    # a pair fused at a modest score is no clear pair: the third lobe needs fuse_score
+    assert groups([(1, 2, 2.0), (2, 3, 0.2)])[0] == [0, 0, 1, 2]
+    # two single lobes need fuse_score
+    assert groups([(1, 2, 0.2)])[0] == [0, 1, 2, 3]
+    # a fourth lobe needs fuse_score: the rule only completes trimers
+    assert groups([(1, 2, 6.0), (2, 3, 5.0), (3, 4, 0.2)])[0] == [0, 0, 0, 1]
+    # two clear pairs do not merge across a weak link
+    assert groups([(1, 2, 6.0), (3, 4, 6.0), (2, 3, 0.2)])[0] == [0, 0, 1, 1]
+    # a weak link inside one particle is not a fused pair (no gap bridging along it)
+    g, fused = groups([(1, 2, 6.0), (2, 3, 5.0), (1, 3, 0.2)])
+    assert g == [0, 0, 0, 1] and fused.tolist() == [True, True, False]
 
 
 def _two_lobes_cut_along_column_59():
