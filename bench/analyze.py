@@ -85,7 +85,7 @@ def accuracy(tables: dict[str, pd.DataFrame], ref: pd.DataFrame) -> pd.DataFrame
     # information: the reference keeps ~1500 of the ~2000 inner spheres (its authors dropped
     # non-round and partly hidden ones); the spread of ours that match a reference sphere, and
     # the per-particle difference of their ECD from the reference's
-    diff, matched_ecd = [], []
+    diff, matched_ecd, theirs_all, bright, unmatched_ecd = [], [], [], [], []
     for name in SERIES["spheres"]:
         t = tables[name].query("~touches_border")
         r = ref[ref.image == name]
@@ -95,7 +95,18 @@ def accuracy(tables: dict[str, pd.DataFrame], ref: pd.DataFrame) -> pd.DataFrame
         theirs = 2.0 * np.sqrt(r.area_px.to_numpy()[ok] / np.pi) * 4.466
         matched_ecd.append(ours)
         diff.append(ours - theirs)
+        theirs_all.append(theirs)
+        bright.append(t.mean_intensity.to_numpy()[j[ok]])
+        unmatched = np.ones(len(t), bool)
+        unmatched[j[ok]] = False
+        unmatched_ecd.append(t.ecd_nm.to_numpy()[unmatched])
     matched_ecd, diff = np.concatenate(matched_ecd), np.concatenate(diff)
+    theirs_all, bright, unmatched_ecd = np.concatenate(theirs_all), np.concatenate(bright), np.concatenate(unmatched_ecd)
+    # the reference's own ECD of the same spheres in the dimmest and brightest fifth (by our
+    # mean grey value): apparent size grows with brightness in its masks too
+    dim_fifth, bright_fifth = bright <= np.quantile(bright, 0.2), bright >= np.quantile(bright, 0.8)
+    # the published SAM filters keep masks of >= 500 px only
+    sam_sized = spheres[spheres.area_px >= 500]
     db = pd.concat([tables[n] for n in SERIES["dumbbells"]]).query("lobes == 2 and ~touches_border")
     lobe_d = np.array([float(v) for s in db.lobe_diameters_nm for v in s.split(";")])
     rows = [
@@ -106,6 +117,13 @@ def accuracy(tables: dict[str, pd.DataFrame], ref: pd.DataFrame) -> pd.DataFrame
         ("spheres: ECD SD of those matching a reference sphere (information)", matched_ecd.std(ddof=1), "-", None),
         ("spheres: ECD minus the reference's, same particle, mean (information)", diff.mean(), "-", None),
         ("spheres: ECD minus the reference's, same particle, SD (information)", diff.std(ddof=1), "-", None),
+        ("spheres: ECD SD of ours without a reference match (information)", unmatched_ecd.std(ddof=1), "-", None),
+        ("spheres: number of ours without a reference match (information)", len(unmatched_ecd), "-", None),
+        ("spheres: ECD SD of ours of >= 500 px, the published SAM area filter (information)",
+         sam_sized.ecd_nm.std(), "-", None),
+        ("spheres: reference ECD of the same spheres, dimmest fifth (information)", theirs_all[dim_fifth].mean(), "-", None),
+        ("spheres: reference ECD of the same spheres, brightest fifth (information)",
+         theirs_all[bright_fifth].mean(), "-", None),
         ("dumbbells: reference dumbbells matched by lobes = 2", _matched(tables, ref, "dumbbells", 2, (2,)),
          ">= 0.90", _matched(tables, ref, "dumbbells", 2, (2,)) >= 0.90),
         ("dumbbells: mean lobe diameter (nm)", lobe_d.mean(), "173.0 +/- 3 %", abs(lobe_d.mean() / 173.0 - 1) <= 0.03),

@@ -93,10 +93,31 @@ def test_sphere_mean_ecd_within_2_percent(analysed):
     assert ecd.mean() == pytest.approx(130.8, rel=0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="measured SD 6.58 nm: it includes the small, dim (partly hidden) "
-                   "and the free-standing spheres the reference left out; over the reference-matched ones 4.35 nm")
+@pytest.mark.xfail(strict=True, reason="measured SD 6.58 nm over all 2029 inner spheres; 4.35 nm over the 1512 "
+                   "that match a reference sphere; the 517 others (SD 10.7 nm, small dim and bright free-standing "
+                   "spheres) are outside the reference's selection; see README 'About the spread'")
 def test_sphere_ecd_spread(analysed):
     assert _inner_spheres(analysed).ecd_nm.std() <= 1.5 * 3.5
+
+
+def test_sphere_spread_on_the_reference_spheres(analysed, reference):
+    """Cuts between touching spheres do not inflate the spread: over the spheres the reference
+    also measured, our ECD spread is within the issue's 1.5x the reference's, and each ECD is
+    close to the reference's ECD of the same particle (measured: SD 4.35 nm; difference
+    -0.54 +/- 1.70 nm)."""
+    ours, theirs = [], []
+    for name in SERIES["spheres"]:
+        table = analysed[name][2].query("~touches_border")
+        r = reference[reference.image == name]
+        d, j = cKDTree(table[["centroid_y_px", "centroid_x_px"]].to_numpy()).query(r[["row", "col"]].to_numpy())
+        ok = d <= 5.0
+        ours.append(table.ecd_nm.to_numpy()[j[ok]])
+        theirs.append(2.0 * np.sqrt(r.area_px.to_numpy()[ok] / np.pi) * 4.466)
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    assert len(ours) > 1400
+    assert ours.std(ddof=1) <= 1.5 * 3.5
+    diff = ours - theirs
+    assert abs(diff.mean()) <= 1.5 and diff.std(ddof=1) <= 2.5
 
 
 def test_reference_spheres_found(analysed, reference):
