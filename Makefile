@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision pinned to the releases that lie on this machine's disk (no multi-GB download)
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench install install-test clean lint
+.PHONY: demo test bench install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
