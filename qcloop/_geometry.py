@@ -311,10 +311,8 @@ def _hull_figures(hr: np.ndarray, hc: np.ndarray, hstart: np.ndarray
     cross = hc * hr[nxt] - hr * hc[nxt]
     hull_area = np.abs(np.bincount(owner, weights=cross, minlength=k)) / 8.0
     # all (a, b) vertex pairs of every hull
-    reps = counts[owner]
-    a = np.repeat(np.arange(nv), reps)
-    first = np.concatenate([[0], np.cumsum(reps)[:-1]])
-    b = hstart[owner[a]] + (np.arange(len(a)) - np.repeat(first, reps))
+    a, first, loc = _segments(counts[owner])
+    b = hstart[owner[a]] + loc
     d2 = (hr[a] - hr[b]) ** 2 + (hc[a] - hc[b]) ** 2
     fmax = np.zeros(k)
     if nv:
@@ -405,9 +403,8 @@ def wrap_gaussian(values: np.ndarray, lengths: np.ndarray, sigmas: np.ndarray) -
         pad = int(radius[segs].max())
         n = lengths[segs]
         ext = n + 2 * pad
-        eseg = np.repeat(np.arange(len(segs)), ext)
-        estart = np.concatenate([[0], np.cumsum(ext)[:-1]])
-        eloc = np.arange(len(eseg)) - estart[eseg] - pad
+        eseg, _, eloc = _segments(ext)
+        eloc = eloc - pad
         v = values[off[segs][eseg] + eloc % n[eseg]]
         w = np.zeros((len(segs), pad + 1))
         for i, j in enumerate(segs.tolist()):
@@ -453,9 +450,7 @@ def corner_figures(ol: Outlines, perimeter: np.ndarray, r_in: Callable[[np.ndarr
     per = perimeter[ids]
     n = np.rint(per).astype(np.int64)  # half to even, as round()
     # the closed outline: every point, then the first one again
-    cseg = np.repeat(np.arange(len(ids)), lens + 1)
-    cstart = np.concatenate([[0], np.cumsum(lens + 1)[:-1]])
-    cloc = np.arange(len(cseg)) - cstart[cseg]
+    cseg, cstart, cloc = _segments(lens + 1)
     src = ol.start[ids][cseg] + np.where(cloc < lens[cseg], cloc, 0)
     fy, fx = ol.rows2[src] / 2.0, ol.cols2[src] / 2.0
     # arc length s at every point: axis steps are 1 px long, diagonal ones _DIAG
@@ -466,9 +461,8 @@ def corner_figures(ol: Outlines, perimeter: np.ndarray, r_in: Callable[[np.ndarr
     n_diag -= n_diag[cstart][cseg]
     s = (cloc - n_diag) + n_diag * _DIAG
     # samples t = linspace(0, perimeter, n, endpoint=False), bracketed s[j] <= t < s[j + 1]
-    tseg = np.repeat(np.arange(len(ids)), n)
-    toff = np.concatenate([[0], np.cumsum(n)[:-1]])
-    t = (np.arange(len(tseg)) - toff[tseg]) * (per / n)[tseg] + 0.0
+    tseg, toff, tloc = _segments(n)
+    t = tloc * (per / n)[tseg] + 0.0
     shift = np.concatenate([[0.0], np.cumsum(np.ceil(per) + 4.0)[:-1]])
     j = np.searchsorted(s + shift[cseg], t + shift[tseg], side="right") - 1
     lo, hi = cstart[tseg], cstart[tseg] + lens[tseg] - 1
@@ -524,6 +518,15 @@ def corner_figures(ol: Outlines, perimeter: np.ndarray, r_in: Callable[[np.ndarr
     return corners, sharpness
 
 
+def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index arrays of consecutive segments of the given ``lengths``: for every element, its
+    segment ``seg`` and position ``loc`` within it, and every segment's ``start``."""
+    lengths = np.asarray(lengths, np.int64)
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return seg, start, np.arange(len(seg)) - start[seg]
+
+
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + l)`` for every (start, length)."""
     lengths = np.asarray(lengths, np.int64)
@@ -537,9 +540,7 @@ def _runs_beside(flags: np.ndarray, off: np.ndarray, n: np.ndarray, seg: np.ndar
     ``seg`` (segments: ``flags[off[j]:off[j] + n[j]]``, circular). Runs longer than the segment
     are reported as at least its length."""
     # every segment twice in a row, so that runs can wrap around
-    dseg = np.repeat(np.arange(len(n)), 2 * n)
-    dstart = np.concatenate([[0], np.cumsum(2 * n)[:-1]])
-    dloc = np.arange(len(dseg)) - dstart[dseg]
+    dseg, dstart, dloc = _segments(2 * n)
     f = flags[off[dseg] + dloc % n[dseg]]
     i = np.arange(len(f))
     last_false = np.maximum(np.maximum.accumulate(np.where(f, -1, i)), dstart[dseg] - 1)
@@ -557,9 +558,7 @@ def _tiled_peaks(kappa: np.ndarray, toff: np.ndarray, n: np.ndarray, cand: np.nd
         return cand, cand
     nc = n[cand]
     tl = 3 * nc
-    tstart = np.concatenate([[0], np.cumsum(tl)[:-1]])
-    tseg = np.repeat(np.arange(len(cand)), tl)
-    tloc = np.arange(int(tl.sum())) - tstart[tseg]
+    tseg, tstart, tloc = _segments(tl)
     x = kappa[toff[cand][tseg] + tloc % nc[tseg]]
     # plateau-aware local maxima (scipy's _local_maxima_1d) within every tiled segment
     m = len(x)
