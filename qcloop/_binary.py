@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["cross_opening", "cross_step", "dilate_square"]
+__all__ = ["cross_opening", "cross_step", "cut_pixels", "dilate_square"]
 
 
 def cross_step(mask: np.ndarray, erode: bool) -> np.ndarray:
@@ -34,6 +34,29 @@ def cross_opening(mask: np.ndarray, times: int) -> np.ndarray:
     for _ in range(times):
         out = cross_step(out, False)
     return out
+
+
+def cut_pixels(labels: np.ndarray) -> np.ndarray:
+    """Pixels of a region with a 4-neighbour in another region (both sides of every cut).
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (H, W)
+        Regions 1..n, 0 = background.
+
+    Returns
+    -------
+    ndarray of bool, shape (H, W)
+    """
+    fg = labels > 0
+    cut = np.zeros_like(fg)
+    h = (labels[:, :-1] != labels[:, 1:]) & fg[:, :-1] & fg[:, 1:]
+    v = (labels[:-1, :] != labels[1:, :]) & fg[:-1, :] & fg[1:, :]
+    cut[:, :-1] |= h
+    cut[:, 1:] |= h
+    cut[:-1, :] |= v
+    cut[1:, :] |= v
+    return cut
 
 
 def dilate_square(mask: np.ndarray, reach: int) -> np.ndarray:

@@ -9,15 +9,15 @@ lobe radius ``r`` of the image (the median largest inscribed radius of the regio
 1. **Split regions into lobes**. Holes enclosed by one region are filled, and with
    ``LobesConfig.dim_lobes`` lobe-sized dim background blobs wedged between regions are added
    (:func:`recover_dim_lobes`). One circle is fitted to the part of every region's outline that
-   faces the background (points next to another region, across a thin gap from one, or at the
-   image edge left out). Where it fits worse than a disc's outline does, 2 and 3 circles are
+   faces the background (points near a pixel where two regions touch, or near the image edge,
+   left out). Where it fits worse than a disc's outline does, 2 and 3 circles are
    fitted (k-means on the outline points from three starts, one of them the circle through most
    of the outline: a big lobe with a small one beside it); they replace the single circle when
    they fit much better and make plausible lobes (arc support, size, centres inside and apart,
    each owning a fair share of the pixels, the discs inside the region). The region is split
    along the circles' radical lines (the chord through the intersections of two overlapping
    circles: the neck); split-off parts are examined again (chains of lobes)
-   (:func:`decompose_lobes`, :func:`split_by_circles`). All regions are fitted at once (batched
+   (:func:`split_by_circles`). All regions are fitted at once (batched
    algebraic fits refined by Gauss-Newton steps), so the cost is a few array passes. Parts too
    large for one disc are then cut along a dark straight seam at a neck (:func:`split_by_seams`).
 2. **Describe every pair of neighbouring lobes** (:func:`lobe_pair_features`): lobes that
@@ -57,13 +57,13 @@ own (circles fitted to lobe outlines).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from qcloop._binary import cross_opening, dilate_square
+from qcloop._binary import cross_opening, cut_pixels, dilate_square
 from qcloop.config import LobesConfig
 from qcloop.records import ParticleMasks, Segmentation, SemImage
 
@@ -71,7 +71,6 @@ __all__ = [
     "FUSE_MODEL",
     "Circle",
     "border_flags",
-    "decompose_lobes",
     "exterior_circle",
     "fill_enclosed_holes",
     "fit_circle",
@@ -217,9 +216,9 @@ def _fit_circle_groups(group: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, 
         jtj[:, 2, 0], jtj[:, 2, 1], jtj[:, 2, 2] = -sju, -sjv, cnt
         step = _solve3(jtj, -np.stack([gsum(ju * res), gsum(jv * res), -gsum(res)], axis=1))
         good = ok & np.all(np.isfinite(step), axis=1)
-        cu = np.where(good, cu + np.where(good, step[:, 0], 0.0), cu)
-        cv = np.where(good, cv + np.where(good, step[:, 1], 0.0), cv)
-        r = np.where(good, r + np.where(good, step[:, 2], 0.0), r)
+        cu = np.where(good, cu + step[:, 0], cu)
+        cv = np.where(good, cv + step[:, 1], cv)
+        r = np.where(good, r + step[:, 2], r)
         ok &= r > 0
         r = np.where(ok, r, 1.0)
     if with_rms:
@@ -281,6 +280,16 @@ def fit_circle(y: np.ndarray, x: np.ndarray, iterations: int = 4) -> Circle | No
     return Circle(cy=float(cy[0]), cx=float(cx[0]), r=float(r[0]), rms=float(rms[0]), coverage=float(cov[0]))
 
 
+def _group_rank(region: np.ndarray, key: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+    """Rank (0, 1, ...) of every point within its region by ``key`` (ties in point order);
+    ``cnt``: the number of points of every region (int)."""
+    start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+    order = np.lexsort((key, region))
+    rank = np.empty(region.size, np.intp)
+    rank[order] = np.arange(region.size) - start[region[order]]
+    return rank
+
+
 def _kmeans_starts(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: int, iterations: int = 6,
                    dominant: np.ndarray | None = None) -> list[tuple[np.ndarray, ...]]:
     """``k`` circles per region fitted to its outline points, all regions at once, from three starts.
@@ -324,10 +333,7 @@ def _kmeans_starts(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: 
     theta = 0.5 * np.arctan2(2 * sxy, sxx - syy)  # major axis of the points
     t = dx * np.cos(theta)[region] + dy * np.sin(theta)[region]
     # start 1: slices of equal point counts
-    order = np.lexsort((t, region))
-    start = np.concatenate([[0], np.cumsum(cnt.astype(np.intp))[:-1]])
-    rank = np.empty(region.size, np.intp)
-    rank[order] = np.arange(region.size) - start[region[order]]
+    rank = _group_rank(region, t, cnt.astype(np.intp))
     by_count = np.minimum((rank * k) // np.maximum(cnt[region], 1).astype(np.intp), k - 1)
     # start 2: slices of equal length along the axis
     tmin = np.full(n, np.inf)
@@ -368,7 +374,6 @@ def _trimmed_inliers(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k
     points within 1.5 px (or twice the last fit's RMS) of it are returned True."""
     region = np.asarray(region, np.intp)
     cnt = np.bincount(region, minlength=n)
-    start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
     use = np.ones(region.size, bool)
     res = np.zeros(region.size)
     rms = np.zeros(n)
@@ -377,10 +382,7 @@ def _trimmed_inliers(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k
         cy, cx, r, rms = (a[:n] for a in _fit_circle_groups(grp, y, x, n + 1, iterations=2))
         res = np.abs(np.hypot(y - cy[region], x - cx[region]) - r[region])
         res = np.where(np.isfinite(res), res, np.inf)
-        order = np.lexsort((res, region))
-        rank = np.empty(region.size, np.intp)
-        rank[order] = np.arange(region.size) - start[region[order]]
-        use = rank < keep * cnt[region]
+        use = _group_rank(region, res, cnt) < keep * cnt[region]
     return res <= np.maximum(1.5, 2.0 * np.nan_to_num(rms, nan=0.0))[region]
 
 
@@ -484,17 +486,14 @@ class _Geometry:
     nearest : ndarray of int, shape (H, W)
         Flat index of that nearest outline pixel: ``labels.ravel()[nearest]`` extends every
         label into the background (each background pixel gets the closest region's label).
-    gap_px : float
-        Widest background gap (px) across which two regions still count as neighbours.
     """
 
     dist: np.ndarray
     dist_bg: np.ndarray
     nearest: np.ndarray
-    gap_px: float
 
 
-def _geometry(labels: np.ndarray, gap_px: float = 1.0) -> _Geometry:
+def _geometry(labels: np.ndarray) -> _Geometry:
     """Distances of a label image (see :class:`_Geometry`)."""
     boundary = _boundary_mask(labels)
     if not boundary.any():
@@ -503,7 +502,7 @@ def _geometry(labels: np.ndarray, gap_px: float = 1.0) -> _Geometry:
     else:
         dist, ind = ndi.distance_transform_edt(~boundary, return_indices=True)
         nearest = ind[0] * labels.shape[1] + ind[1]
-    return _Geometry(dist=dist, dist_bg=np.where(labels > 0, 0.0, dist), nearest=nearest, gap_px=float(gap_px))
+    return _Geometry(dist=dist, dist_bg=np.where(labels > 0, 0.0, dist), nearest=nearest)
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -528,6 +527,15 @@ def _extend(labels: np.ndarray, geo: _Geometry) -> np.ndarray:
     return np.where(labels > 0, labels, labels.ravel()[geo.nearest])
 
 
+def _label_max(labels: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Largest non-negative ``values`` over the pixels of every label 0..n (0 for label 0 and
+    labels without pixels)."""
+    fg = labels > 0
+    out = np.zeros(n + 1)
+    np.maximum.at(out, labels[fg], values[fg])
+    return out
+
+
 def lobe_radius_px(labels: np.ndarray, dist: np.ndarray | None = None) -> float:
     """Typical lobe radius of an image: median over regions of the largest inscribed radius.
 
@@ -548,8 +556,7 @@ def lobe_radius_px(labels: np.ndarray, dist: np.ndarray | None = None) -> float:
         return 1.0
     if dist is None:
         dist = ndi.distance_transform_edt(~_boundary_mask(labels))
-    best = np.zeros(int(labels.max()) + 1)
-    np.maximum.at(best, labels[fg], dist[fg])
+    best = _label_max(labels, dist, int(labels.max()))
     best = best[1:][np.bincount(labels[fg], minlength=len(best))[1:] > 0]
     return float(max(np.median(best) + 1.0, 1.0))
 
@@ -597,13 +604,6 @@ def fill_enclosed_holes(labels: np.ndarray, max_area: float) -> np.ndarray:
     out = labels.copy()
     sel = hole & fill[comp]
     out[sel] = hi[comp[sel]]
-    return out
-
-
-def _pad_columns(a: np.ndarray, w: int) -> np.ndarray:
-    """``a`` (2-D) with ``w`` columns of zeros on either side."""
-    out = np.zeros((a.shape[0], a.shape[1] + 2 * w), a.dtype)
-    out[:, w: w + a.shape[1]] = a
     return out
 
 
@@ -664,17 +664,15 @@ def recover_dim_lobes(labels: np.ndarray, grey: np.ndarray, r_typ: float) -> np.
     return out
 
 
-def _contacts(labels: np.ndarray, geo: _Geometry, intensity: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _contacts(ext: np.ndarray, geo: _Geometry, gap_px: float, intensity: np.ndarray) -> dict[str, np.ndarray]:
     """Every 4-neighbour pixel pair where two labels meet once each is extended into the
-    background (``labels.ravel()[geo.nearest]``), with the gap width there: the pixels'
-    distances to their regions added (0 where the labels touch). Pairs wider than
-    ``geo.gap_px`` are left out.
+    background (``ext``: :func:`_extend` of the labels), with the gap width there: the pixels'
+    distances to their regions added (0 where the labels touch). Pairs wider than ``gap_px``
+    are left out.
 
     Returns a dict of arrays, one entry per contact: ``a < b`` (labels), ``w`` (gap, px),
-    ``y, x`` (midpoint), and ``v`` (mean intensity of the two pixels) when ``intensity`` is
-    given.
+    ``y, x`` (midpoint), and ``v`` (mean intensity of the two pixels).
     """
-    ext = _extend(labels, geo)
     dbg = geo.dist_bg
     out: dict[str, list[np.ndarray]] = {"a": [], "b": [], "w": [], "y": [], "x": [], "v": []}
     for axis in (1, 0):
@@ -683,7 +681,7 @@ def _contacts(labels: np.ndarray, geo: _Geometry, intensity: np.ndarray | None =
         else:
             e0, e1, d0, d1 = ext[:-1, :], ext[1:, :], dbg[:-1, :], dbg[1:, :]
         w = d0 + d1
-        sel = (e0 != e1) & (e0 > 0) & (e1 > 0) & (w <= geo.gap_px)
+        sel = (e0 != e1) & (e0 > 0) & (e1 > 0) & (w <= gap_px)
         rr, cc = np.nonzero(sel)
         la, lb = e0[sel], e1[sel]
         out["a"].append(np.minimum(la, lb))
@@ -692,14 +690,12 @@ def _contacts(labels: np.ndarray, geo: _Geometry, intensity: np.ndarray | None =
         if axis == 1:
             out["y"].append(rr.astype(float))
             out["x"].append(cc + 0.5)
-            if intensity is not None:
-                out["v"].append(0.5 * (intensity[rr, cc] + intensity[rr, cc + 1]))
+            out["v"].append(0.5 * (intensity[rr, cc] + intensity[rr, cc + 1]))
         else:
             out["y"].append(rr + 0.5)
             out["x"].append(cc.astype(float))
-            if intensity is not None:
-                out["v"].append(0.5 * (intensity[rr, cc] + intensity[rr + 1, cc]))
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+            out["v"].append(0.5 * (intensity[rr, cc] + intensity[rr + 1, cc]))
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _outline_points(labels: np.ndarray, clearance: float, which: np.ndarray | None = None
@@ -722,19 +718,12 @@ def _outline_points(labels: np.ndarray, clearance: float, which: np.ndarray | No
         Region label and position (px) of every point.
     """
     # region pixels touching another region, and the image edge: everything near them is "not clear"
-    h, v = _neighbour_diff(labels)
-    fg = labels > 0
-    blocked = np.zeros(labels.shape, bool)
-    touch = h & fg[:, :-1] & fg[:, 1:]
-    blocked[:, :-1] |= touch
-    blocked[:, 1:] |= touch
-    touch = v & fg[:-1, :] & fg[1:, :]
-    blocked[:-1, :] |= touch
-    blocked[1:, :] |= touch
+    blocked = cut_pixels(labels)
     blocked[0, :] = blocked[-1, :] = True
     blocked[:, 0] = blocked[:, -1] = True
     reach = int(np.ceil(clearance))
     near = dilate_square(blocked, reach)
+    h, v = _neighbour_diff(labels)
     labs, ys, xs = [], [], []
     for axis, diff in ((1, h), (0, v)):
         if axis == 1:
@@ -811,8 +800,7 @@ def _plausible_lobes(cy: np.ndarray, cx: np.ndarray, r: np.ndarray, r_eq: np.nda
 
 
 def split_by_circles(lobes: np.ndarray, max_k: int = 3, candidates: np.ndarray | None = None, *,
-                     geometry: _Geometry | None = None, r_typ: float | None = None,
-                     max_gap: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+                     geometry: _Geometry | None = None, r_typ: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Split lobes whose background-facing outline is two or more circles, not one.
 
     Each lobe's outline facing the background gets one circle fitted; where that fits worse
@@ -834,8 +822,9 @@ def split_by_circles(lobes: np.ndarray, max_k: int = 3, candidates: np.ndarray |
         Most circles tried per lobe.
     candidates : ndarray of int, optional
         Only these lobe labels are examined (default: all).
-    geometry, r_typ, max_gap
-        Precomputed distances and typical lobe radius (internal use; computed when missing).
+    geometry, r_typ
+        Precomputed distances (only ``dist`` is read) and typical lobe radius (internal use;
+        computed from ``lobes`` when either is missing).
 
     Returns
     -------
@@ -852,13 +841,9 @@ def split_by_circles(lobes: np.ndarray, max_k: int = 3, candidates: np.ndarray |
     if geometry is None or r_typ is None:
         if r_typ is None:
             r_typ = lobe_radius_px(out)
-        geometry = _geometry(out, _gap_px(r_typ, max_gap))
-    fg = out > 0
-    lab_fg = out[fg]
-    area = np.bincount(lab_fg, minlength=m + 1).astype(float)
-    r_in = np.zeros(m + 1)
-    np.maximum.at(r_in, lab_fg, geometry.dist[fg])
-    r_in += 1.0
+        geometry = _geometry(out)
+    area = np.bincount(out[out > 0], minlength=m + 1).astype(float)
+    r_in = _label_max(out, geometry.dist, m) + 1.0
     cand = area > 1.2 * np.pi * r_in**2
     cand[0] = False
     if candidates is not None:
@@ -987,7 +972,7 @@ def _best_seam_chord(own: np.ndarray, grey: np.ndarray, r_typ: float, span: floa
     # a neck: the chord (pixels of the piece on it) no longer than max_chord, and at least
     # 10 % narrower than the piece somewhere within 0.6 r_typ on either side
     w = max(2, int(round(0.6 * r_typ)))
-    padded = _pad_columns(area, w)
+    padded = np.pad(area, ((0, 0), (w, w)))
     left = padded[:, w - 1: w - 1 + nb].copy()
     right = padded[:, w + 1: w + 1 + nb].copy()
     for d in range(2, w + 1):
@@ -1005,15 +990,14 @@ def _best_seam_chord(own: np.ndarray, grey: np.ndarray, r_typ: float, span: floa
     tot = np.bincount(kin.ravel(), np.broadcast_to(g, kin.shape).ravel(), minlength=n_angles * nb).reshape(
         n_angles, nb)
     pad = 4
-    cntp = _pad_columns(cnt, pad)
-    totp = _pad_columns(tot, pad)
-    centre_c, centre_t = cnt, tot
+    cntp = np.pad(cnt, ((0, 0), (pad, pad)))
+    totp = np.pad(tot, ((0, 0), (pad, pad)))
     side_c = sum(cntp[:, pad + d: pad + d + nb] + cntp[:, pad - d: pad - d + nb] for d in (2, 3, 4))
     side_t = sum(totp[:, pad + d: pad + d + nb] + totp[:, pad - d: pad - d + nb] for d in (2, 3, 4))
-    valid &= (centre_c >= 0.6 * r_typ) & (side_c >= 3.0 * r_typ)
+    valid &= (cnt >= 0.6 * r_typ) & (side_c >= 3.0 * r_typ)
     if not valid.any():
         return None
-    depth = np.where(valid, side_t / np.maximum(side_c, 1) - centre_t / np.maximum(centre_c, 1), -np.inf)
+    depth = np.where(valid, side_t / np.maximum(side_c, 1) - tot / np.maximum(cnt, 1), -np.inf)
     i, j = np.unravel_index(np.argmax(depth), depth.shape)
     return float(depth[i, j] / span), float(ang[i]), float(lo[i] + j + 0.5)
 
@@ -1055,9 +1039,9 @@ def split_by_seams(lobes: np.ndarray, grey: np.ndarray, r_typ: float, span: floa
     big = np.flatnonzero(area >= min_ratio * np.pi * r_typ**2)
     if candidates is not None:
         big = np.intersect1d(big, candidates)
-    for k in big:
+    for k in big[big > 0]:
         k = int(k)
-        sl = slices[k - 1] if 0 < k <= len(slices) else None
+        sl = slices[k - 1]
         if sl is None:
             continue
         r0, r1 = max(sl[0].start - 1, 0), min(sl[0].stop + 1, height)
@@ -1074,38 +1058,6 @@ def split_by_seams(lobes: np.ndarray, grey: np.ndarray, r_typ: float, span: floa
         changed += [k, nxt]
         nxt += 1
     return out, np.array(changed, np.int64)
-
-
-def decompose_lobes(labels: np.ndarray, max_lobes: int = 6, *, r_typ: float | None = None,
-                    max_gap: float = 0.3) -> np.ndarray:
-    """Split every region into its lobes (repeated :func:`split_by_circles`).
-
-    Parameters
-    ----------
-    labels : ndarray of int, shape (H, W)
-        Regions 1..n, 0 = background.
-    max_lobes : int
-        At most this many lobes come out of one region.
-    r_typ : float, optional
-        Typical lobe radius (px); estimated from the regions when not given.
-    max_gap : float
-        Background gaps up to ``max_gap * r_typ`` px between regions count as contacts
-        (outline there is not used for circle fits).
-
-    Returns
-    -------
-    ndarray of int32, shape (H, W)
-        Lobes 1..m (sequential); every lobe lies inside one region.
-    """
-    labels = np.asarray(labels)
-    k = max(1, min(3, max_lobes))
-    if k < 2 or int(labels.max()) == 0:
-        return _relabel(labels)
-    geo = _geometry(labels)
-    if r_typ is None:
-        r_typ = lobe_radius_px(labels, geo.dist)
-    geo = replace(geo, gap_px=_gap_px(r_typ, max_gap))
-    return _decompose(labels, geo, r_typ, max_lobes)
 
 
 def _decompose(labels: np.ndarray, geo: _Geometry, r_typ: float, max_lobes: int) -> np.ndarray:
@@ -1157,8 +1109,7 @@ def _histogram_median(values: np.ndarray, labels: np.ndarray, m: int, bins: int 
     return out
 
 
-def lobe_circles(lobes: np.ndarray, which: np.ndarray | None = None, *, geometry: _Geometry | None = None,
-                 r_typ: float | None = None, max_gap: float = 0.3) -> np.ndarray:
+def lobe_circles(lobes: np.ndarray, which: np.ndarray | None = None, *, r_typ: float | None = None) -> np.ndarray:
     """Circle fitted to each lobe's background-facing outline (see :func:`exterior_circle`).
 
     Parameters
@@ -1166,6 +1117,9 @@ def lobe_circles(lobes: np.ndarray, which: np.ndarray | None = None, *, geometry
     lobes : ndarray of int, shape (H, W)
     which : ndarray of int, optional
         Only these lobe labels get a circle (the others stay NaN).
+    r_typ : float, optional
+        Typical lobe radius (px), which sets how far from touching pixels and the image edge
+        outline points are left out; estimated from ``lobes`` when not given.
 
     Returns
     -------
@@ -1178,9 +1132,8 @@ def lobe_circles(lobes: np.ndarray, which: np.ndarray | None = None, *, geometry
     out = np.full((m + 1, 3), np.nan)
     if m == 0:
         return out
-    if geometry is None or r_typ is None:
-        r_typ = lobe_radius_px(lobes) if r_typ is None else r_typ
-        geometry = _geometry(lobes, _gap_px(r_typ, max_gap))
+    if r_typ is None:
+        r_typ = lobe_radius_px(lobes)
     sel = None
     if which is not None:
         sel = np.zeros(m + 1, bool)
@@ -1211,7 +1164,8 @@ def exterior_circle(lobe_mask: np.ndarray, offset: tuple[int, int], labels: np.n
         Row, column of ``lobe_mask[0, 0]`` in ``labels``.
     labels : ndarray of int, shape (H, W)
         Label image in which the lobe's neighbours (sibling lobes, touching particles) are
-        non-zero, so only background-facing outline is used (away from contacts).
+        non-zero, so only outline facing the background is used (points near a pixel where the
+        lobe touches a neighbour, or near the image edge, left out).
 
     Returns
     -------
@@ -1237,8 +1191,7 @@ def exterior_circle(lobe_mask: np.ndarray, offset: tuple[int, int], labels: np.n
 
 
 def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.ndarray | None = None, *,
-                       r_typ: float | None = None, max_gap: float = 0.3,
-                       geometry: _Geometry | None = None) -> pd.DataFrame:
+                       r_typ: float | None = None, max_gap: float = 0.3) -> pd.DataFrame:
     """Features of every pair of neighbouring lobes (see the module docstring).
 
     Parameters
@@ -1253,8 +1206,6 @@ def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.nda
         Typical lobe radius (px); estimated from ``lobes`` when not given.
     max_gap : float
         Lobes up to ``max_gap * r_typ`` px apart are neighbours.
-    geometry : optional
-        Precomputed distances of ``regions`` (internal use).
 
     Returns
     -------
@@ -1264,22 +1215,72 @@ def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.nda
         ``line_contrast``, ``overlap`` (NaN without circles), ``same_region`` (0/1). All
         dimensionless.
     """
-    cols = ["a", "b", "shared_px", "gap", "neck", "contrast", "line_contrast", "overlap", "same_region"]
     lobes = np.asarray(lobes)
-    m = int(lobes.max())
-    if m < 2:
-        return pd.DataFrame({c: [] for c in cols})
+    if int(lobes.max()) < 2:
+        return _no_pairs()
     regions = lobes if regions is None else np.asarray(regions)
     if r_typ is None:
         r_typ = lobe_radius_px(lobes)
-    if geometry is None:
-        geometry = _geometry(regions, _gap_px(r_typ, max_gap))
-    c = _contacts(lobes, geometry, intensity)
-    if c["a"].size == 0:
-        return pd.DataFrame({c: [] for c in cols})
-    a_all, b_all = c["a"].astype(np.int64), c["b"].astype(np.int64)
-    key = a_all * (m + 1) + b_all
+    return _pair_features(lobes, intensity, regions, r_typ, _geometry(regions), _gap_px(r_typ, max_gap))[0]
+
+
+def _no_pairs() -> pd.DataFrame:
+    """:func:`lobe_pair_features` of lobes without neighbours (no rows)."""
+    return pd.DataFrame({c: [] for c in ("a", "b", "shared_px", "gap", "neck", "contrast", "line_contrast",
+                                         "overlap", "same_region")})
+
+
+def _grey_span(values: np.ndarray) -> float:
+    """Grey range of lobe pixels: 5th to 95th percentile, at least 0.05 (flat images: no
+    contrast to speak of)."""
+    lo, hi = np.percentile(values, [5, 95])
+    return max(float(hi - lo), 0.05)
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """What :func:`_pair_features` finds besides the features, reused by the grouping.
+
+    Attributes
+    ----------
+    contacts : dict of ndarray
+        :func:`_contacts` of the lobes.
+    pair : ndarray of int, shape (n_contacts,)
+        Row of the features (pair of lobes) of every contact.
+    ext : ndarray of int, shape (H, W)
+        The lobes extended into the background (:func:`_extend`).
+    gap_px : float
+        Widest background gap (px) across which two lobes still count as neighbours.
+    centres : ndarray of float, shape (m + 1, 2)
+        Row, column of every lobe's centroid (row 0 unused).
+    """
+
+    contacts: dict[str, np.ndarray]
+    pair: np.ndarray
+    ext: np.ndarray
+    gap_px: float
+    centres: np.ndarray
+
+
+def _pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.ndarray, r_typ: float,
+                   geometry: _Geometry, gap_px: float, span: float | None = None) -> tuple[pd.DataFrame, _Pairs]:
+    """:func:`lobe_pair_features` of lobes ``1..m``, with ``geometry`` the distances of ``regions``,
+    ``gap_px`` the widest gap of a contact and ``span`` the grey range of the lobes
+    (:func:`_grey_span`, computed when not given); and what the grouping reuses."""
+    m = int(lobes.max())
+    fg = lobes > 0
+    lab_fg = lobes[fg]
+    cnt = np.bincount(lab_fg, minlength=m + 1).astype(float)
+    rr, cc = np.nonzero(fg)
+    com_y = np.bincount(lab_fg, rr, m + 1) / np.maximum(cnt, 1)
+    com_x = np.bincount(lab_fg, cc, m + 1) / np.maximum(cnt, 1)
+    ext = _extend(lobes, geometry)
+    c = _contacts(ext, geometry, gap_px, intensity)
+    key = c["a"].astype(np.int64) * (m + 1) + c["b"].astype(np.int64)
     uniq, inv = np.unique(key, return_inverse=True)
+    pairs = _Pairs(contacts=c, pair=inv, ext=ext, gap_px=gap_px, centres=np.column_stack([com_y, com_x]))
+    if uniq.size == 0:
+        return _no_pairs(), pairs
     n = uniq.size
     a, b = uniq // (m + 1), uniq % (m + 1)
     w = c["w"]
@@ -1288,15 +1289,9 @@ def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.nda
     # where the lobes are closest: touching, or across the narrowest gap (and up to 1 px wider)
     closest = w <= gap[inv] + np.minimum(gap[inv], 1.0)
     shared = np.bincount(inv, w == 0, n)
-    fg = lobes > 0
-    lab_fg = lobes[fg]
-    lo, hi = np.percentile(intensity[fg], [5, 95])
-    span = max(float(hi - lo), 0.05)  # flat images: no contrast to speak of
+    if span is None:
+        span = _grey_span(intensity[fg])
     level = _histogram_median(np.clip(intensity[fg], 0, 1), lab_fg, m)
-    cnt = np.bincount(lab_fg, minlength=m + 1).astype(float)
-    rr, cc = np.nonzero(fg)
-    com_y = np.bincount(lab_fg, rr, m + 1) / np.maximum(cnt, 1)
-    com_x = np.bincount(lab_fg, cc, m + 1) / np.maximum(cnt, 1)
     mid_level = 0.5 * (level[a] + level[b])
     # the contact: where they are closest, and a gap up to 1 px wider that is about as bright as
     # the lobes (a seam the segmenter left open, not a dark crevice between touching spheres)
@@ -1319,17 +1314,16 @@ def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.nda
     np.maximum.at(pmax, inv[bridge], proj[bridge])
     np.minimum.at(pmin, inv[bridge], proj[bridge])
     width = pmax - pmin + 1.0
-    r_in = np.zeros(m + 1)
-    np.maximum.at(r_in, lab_fg, geometry.dist[fg])
-    r_in += 1.0
+    r_in = _label_max(lobes, geometry.dist, m) + 1.0
     neck = 0.5 * width / np.maximum(np.minimum(r_in[a], r_in[b]), 1e-6)
-    circ = lobe_circles(lobes, np.concatenate([a, b]), geometry=geometry, r_typ=r_typ)
+    circ = lobe_circles(lobes, np.concatenate([a, b]), r_typ=r_typ)
     overlap = np.hypot(circ[a, 0] - circ[b, 0], circ[a, 1] - circ[b, 1]) / (circ[a, 2] + circ[b, 2])
     region_of = np.zeros(m + 1, np.int64)
     region_of[lab_fg] = regions[fg]
-    return pd.DataFrame({"a": a, "b": b, "shared_px": shared.astype(int), "gap": gap / r_typ, "neck": neck,
-                         "contrast": contrast, "line_contrast": line_contrast, "overlap": overlap,
-                         "same_region": (region_of[a] == region_of[b]).astype(float)})
+    feats = pd.DataFrame({"a": a, "b": b, "shared_px": shared.astype(int), "gap": gap / r_typ, "neck": neck,
+                          "contrast": contrast, "line_contrast": line_contrast, "overlap": overlap,
+                          "same_region": (region_of[a] == region_of[b]).astype(float)})
+    return feats, pairs
 
 
 def _logit(features: pd.DataFrame, model: dict[str, float]) -> np.ndarray:
@@ -1397,19 +1391,15 @@ def border_flags(labels: np.ndarray) -> np.ndarray:
 
 
 def _bridge_gaps(lobes: np.ndarray, particle_of_lobe: np.ndarray, geo: _Geometry,
-                 feats: pd.DataFrame, fused: np.ndarray) -> np.ndarray:
+                 feats: pd.DataFrame, fused: np.ndarray, pairs: _Pairs) -> np.ndarray:
     """Lobe labels with the background gap between fused lobes that do not touch filled
-    (each gap pixel gets the nearest lobe's label)."""
+    (each gap pixel gets the nearest lobe's label); ``feats`` and ``pairs`` from
+    :func:`_pair_features` of the lobes with ``geo``."""
     sel = fused & (feats["shared_px"].to_numpy() == 0)
     if not sel.any():
         return lobes
-    m = int(lobes.max())
-    c = _contacts(lobes, geo)
-    key = c["a"].astype(np.int64) * (m + 1) + c["b"].astype(np.int64)
-    want = feats["a"].to_numpy()[sel].astype(np.int64) * (m + 1) + feats["b"].to_numpy()[sel]
-    on = np.isin(key, want)
-    if not on.any():
-        return lobes
+    c = pairs.contacts
+    on = sel[pairs.pair]
     height, width = lobes.shape
     marker = np.zeros(lobes.shape, np.int32)
     for dy, dx in ((0.0, 0.5), (0.0, -0.5), (0.5, 0.0), (-0.5, 0.0)):  # both pixels of a contact
@@ -1417,10 +1407,10 @@ def _bridge_gaps(lobes: np.ndarray, particle_of_lobe: np.ndarray, geo: _Geometry
         xx = np.round(c["x"][on] + dx).astype(np.intp)
         ok = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
         marker[yy[ok], xx[ok]] = particle_of_lobe[c["a"][on][ok]]
-    reach = int(np.ceil(geo.gap_px / 2.0)) + 1
+    reach = int(np.ceil(pairs.gap_px / 2.0)) + 1
     near = ndi.maximum_filter(marker, size=2 * reach + 1)
-    ext = _extend(lobes, geo)
-    fill = (lobes == 0) & (near > 0) & (geo.dist_bg <= geo.gap_px / 2.0 + 1.0) & (particle_of_lobe[ext] == near)
+    ext = pairs.ext
+    fill = (lobes == 0) & (near > 0) & (geo.dist_bg <= pairs.gap_px / 2.0 + 1.0) & (particle_of_lobe[ext] == near)
     return np.where(fill, ext, lobes).astype(np.int32)
 
 
@@ -1485,7 +1475,7 @@ def _fuse_lobes(a: np.ndarray, b: np.ndarray, fuse: np.ndarray, centres: np.ndar
 
 
 def _pieces_and_features(labels: np.ndarray, intensity: np.ndarray, cfg: LobesConfig
-                         ) -> tuple[np.ndarray, int, _Geometry, float, np.ndarray, pd.DataFrame]:
+                         ) -> tuple[np.ndarray, int, _Geometry, _Pairs, np.ndarray, pd.DataFrame]:
     """Steps 1 and 2 of the grouping.
 
     Returns
@@ -1496,8 +1486,8 @@ def _pieces_and_features(labels: np.ndarray, intensity: np.ndarray, cfg: LobesCo
         Number of regions from the segmenter.
     geometry : _Geometry
         Distances of ``labels``.
-    r_typ : float
-        Typical lobe radius (px).
+    pairs : _Pairs
+        Contacts and centroids of the lobes (:func:`_pair_features`).
     lobes : ndarray of int32
         Lobes split from the regions (each inside one region).
     features : pandas.DataFrame
@@ -1513,18 +1503,16 @@ def _pieces_and_features(labels: np.ndarray, intensity: np.ndarray, cfg: LobesCo
         labels = recover_dim_lobes(labels, smoothed, r_area)
     geo = _geometry(labels)
     r_typ = lobe_radius_px(labels, geo.dist)
-    geo = replace(geo, gap_px=_gap_px(r_typ, cfg.max_gap))
     lobes = _decompose(labels, geo, r_typ, cfg.max_lobes)
-    lo, hi = np.percentile(smoothed[labels > 0], [5, 95])
-    span = max(float(hi - lo), 0.05)
+    span = _grey_span(smoothed[labels > 0])  # the lobes cover the regions' pixels
     changed = None
     for _ in range(max(0, cfg.max_lobes - 1)):  # a part may hold a further seam (a chain)
         lobes, changed = split_by_seams(lobes, smoothed, r_typ, span, candidates=changed)
         if changed.size == 0:
             break
     lobes = _relabel(lobes)
-    feats = lobe_pair_features(lobes, smoothed, labels, r_typ=r_typ, geometry=geo)
-    return labels, n_segmented, geo, r_typ, lobes, feats
+    feats, pairs = _pair_features(lobes, smoothed, labels, r_typ, geo, _gap_px(r_typ, cfg.max_gap), span)
+    return labels, n_segmented, geo, pairs, lobes, feats
 
 
 def group_lobes(seg: Segmentation, image: SemImage, cfg: LobesConfig | None = None) -> ParticleMasks:
@@ -1559,31 +1547,22 @@ def group_lobes(seg: Segmentation, image: SemImage, cfg: LobesConfig | None = No
     if not cfg.enabled:
         return ParticleMasks(labels, labels.copy(), np.arange(n + 1, dtype=np.int32), border_flags(labels))
 
-    labels, n_segmented, geo, _, lobes, feats = _pieces_and_features(labels, image.intensity(), cfg)
+    labels, n_segmented, geo, pairs, lobes, feats = _pieces_and_features(labels, image.intensity(), cfg)
     m = int(lobes.max())
     recovered = np.zeros(m + 1, bool)  # lobes of dim blobs the segmenter had left out
     recovered[lobes[labels > n_segmented]] = True
     recovered[0] = False
-    if len(feats) == 0:
-        lobes = np.where(recovered[lobes], 0, lobes)
-        lobes = _relabel(lobes)
-        m = int(lobes.max())
-        return ParticleMasks(lobes, lobes.copy(), np.arange(m + 1, dtype=np.int32), border_flags(lobes))
     a = feats["a"].to_numpy()
     b = feats["b"].to_numpy()
     fuse = fuse_logit(feats)
     fuse[~(feats["neck"].to_numpy(float) >= cfg.min_neck)] = -np.inf
-    rows, cols = np.nonzero(lobes)
-    lab = lobes[rows, cols]
-    count = np.maximum(np.bincount(lab, minlength=m + 1), 1)
-    centres = np.column_stack([np.bincount(lab, rows, m + 1), np.bincount(lab, cols, m + 1)]) / count[:, None]
-    roots, fused = _fuse_lobes(a, b, fuse, centres, cfg)
+    roots, fused = _fuse_lobes(a, b, fuse, pairs.centres, cfg)
     # a recovered dim blob stays only as a lobe of a particle with other lobes
     alone = np.bincount(roots, weights=~recovered, minlength=m + 1) == 0
     roots = np.where(alone[roots], 0, roots)
     _, particle_of_piece = np.unique(roots, return_inverse=True)  # root 0 -> 0
     particle_of_piece = particle_of_piece.astype(np.int32)
-    pieces = _bridge_gaps(lobes, particle_of_piece, geo, feats, fused)
+    pieces = _bridge_gaps(lobes, particle_of_piece, geo, feats, fused, pairs)
     _, lobe_of_piece = np.unique(np.where(particle_of_piece > 0, np.arange(m + 1), 0), return_inverse=True)
     lobe_of_piece = lobe_of_piece.astype(np.int32)
     lobe_parent = np.zeros(int(lobe_of_piece.max()) + 1, np.int32)

@@ -47,7 +47,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
-from qcloop._binary import cross_opening
+from qcloop._binary import cross_opening, cut_pixels
 from qcloop.config import ClassicalConfig
 from qcloop.records import Segmentation, SemImage
 
@@ -631,19 +631,6 @@ def half_max_outline(basins: np.ndarray, smoothed: np.ndarray, fg: np.ndarray, r
     return out
 
 
-def _cut_pixels(labels: np.ndarray) -> np.ndarray:
-    """Pixels of a region with a 4-neighbour in another region (both sides of every cut)."""
-    fg = labels > 0
-    cut = np.zeros_like(fg)
-    h = (labels[:, :-1] != labels[:, 1:]) & fg[:, :-1] & fg[:, 1:]
-    v = (labels[:-1, :] != labels[1:, :]) & fg[:-1, :] & fg[1:, :]
-    cut[:, :-1] |= h
-    cut[:, 1:] |= h
-    cut[:-1, :] |= v
-    cut[1:, :] |= v
-    return cut
-
-
 def open_regions(labels: np.ndarray, radius: int) -> np.ndarray:
     """Morphological opening of every region on its own: strips thinner than ``2 radius`` px
     (flooded gaps, bits of a neighbour's contact line) are cut off; cuts between regions stay.
@@ -660,7 +647,7 @@ def open_regions(labels: np.ndarray, radius: int) -> np.ndarray:
     """
     fg = labels > 0
     # take out both sides of every cut so regions are opened separately
-    cut = _cut_pixels(labels)
+    cut = cut_pixels(labels)
     if radius <= 2:  # disk(1) is the cross, disk(2) the cross dilated by itself
         opened = cross_opening(fg & ~cut, radius)
     else:
