@@ -47,7 +47,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
-from qcloop._binary import cross_opening, cut_pixels
+from qcloop._binary import cross_opening, cross_step, cut_pixels
 from qcloop.config import ClassicalConfig
 from qcloop.records import Segmentation, SemImage
 
@@ -113,7 +113,7 @@ def _compactness(mask: np.ndarray, min_area: int = 20) -> float:
     keep[0] = False
     if not keep.any():
         return 0.0
-    edge = mask & ~ndi.binary_erosion(mask, border_value=0) & keep[lab]
+    edge = mask & ~cross_step(mask, True) & keep[lab]
     ys, xs = np.nonzero(edge)
     ids = lab[ys, xs]
     order = np.argsort(ids, kind="stable")
@@ -612,7 +612,8 @@ def half_max_outline(basins: np.ndarray, smoothed: np.ndarray, fg: np.ndarray, r
     inside = np.where(fg, basins, 0)
     particle = _region_medians(values, np.where(core, basins, 0), n) if core is not None \
         else np.full(n + 1, np.nan)
-    particle = np.where(np.isnan(particle), _region_medians(values, inside, n), particle)
+    if np.isnan(particle[1:]).any():  # regions without core pixels: their foreground's median
+        particle = np.where(np.isnan(particle), _region_medians(values, inside, n), particle)
     # the ring is sampled on every second row and column (plenty for a median, 4x faster)
     ring = segmentation.expand_labels(inside[::2, ::2], distance=max(1.0, ring_px / 2.0))
     ring[fg[::2, ::2]] = 0
