@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.controllers.simulated_reactor import ReactorModel, simulate_campaign  # noqa: E402
+from qcloop_adapters.controllers.simulated_reactor import ReactorModel, simulate_campaign  # noqa: E402
 from qcloop.config import load_settings  # noqa: E402
 
 BUDGET = 12

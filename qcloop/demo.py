@@ -2,7 +2,7 @@
 
 1. MQTT broker: the one on localhost:1883 if it answers; else ``mosquitto`` from the PATH; else
    the pure-Python fallback :mod:`qcloop.mqtt_broker` (for the demo's lifetime).
-2. The simulated synthesis line (:mod:`adapters.controllers.simulated_reactor`) publishes its
+2. The simulated synthesis line (:mod:`qcloop_adapters.controllers.simulated_reactor`) publishes its
    setpoints (20 % off the size target at the start), announces batches and exports synthetic
    SEM images of each batch into ``OUT/watch``.
 3. The real daemon runs as a subprocess: ``python -m qcloop run --config OUT/qcloop-demo.yaml``
@@ -316,7 +316,7 @@ def run_demo(*, batches: int = 15, out: Path = Path("demo-out"), hold: int = 3, 
              mode: str = "advisory", seed: int = 0, images_per_batch: int = 3, broker: str = "auto",
              mqtt_port: int = 1883, echo=print, progress: bool = True) -> DemoResult:
     """Run the demo (see the module docstring). ``echo`` receives each printed line."""
-    from adapters.controllers.simulated_reactor import SimulatedReactor
+    from qcloop_adapters.controllers.simulated_reactor import SimulatedReactor
 
     t0 = time.time()
     out = Path(out).resolve()

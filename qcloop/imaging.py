@@ -11,7 +11,7 @@ load_array(pixels, name=..., cfg=..., pixel_size_nm=...) -> SemImage
 detect_banner(pixels) -> int
     Height of the analysed region: rows above the microscope's info banner.
 
-The pixel size comes from :mod:`adapters.microscopes` (vendor metadata, then
+The pixel size comes from :mod:`qcloop_adapters.microscopes` (vendor metadata, then
 ``cfg.pixel_size_nm``, then none).
 """
 
@@ -276,7 +276,7 @@ def _check_size(p: Path, width: int, height: int, cfg: ImagingConfig) -> None:
 
 
 def _vendor_pixel_size(p: Path, tif: tifffile.TiffFile | None, cfg: ImagingConfig):
-    from adapters.microscopes import read_pixel_size
+    from qcloop_adapters.microscopes import read_pixel_size
 
     return read_pixel_size(p, tif, config_pixel_size_nm=cfg.pixel_size_nm,
                            force_config=cfg.force_pixel_size)

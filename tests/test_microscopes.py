@@ -1,4 +1,4 @@
-"""Vendor metadata readers (adapters.microscopes): pixel size, units, fallbacks, real samples.
+"""Vendor metadata readers (qcloop_adapters.microscopes, the adapters/microscopes/ folder): pixel size, units, fallbacks, real samples.
 
 Every test writes its own files: TIFFs with the vendor's private tag (tifffile ``extratags``),
 a hand-built TIFF with an EXIF MakerNote, and the sidecar text files the vendors write.
@@ -14,9 +14,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from adapters import microscopes
-from adapters.microscopes import fei, hitachi, jeol, read_pixel_size, read_vendor_metadata, tescan, zeiss
-from adapters.microscopes._units import parse_length_nm
+from qcloop_adapters import microscopes
+from qcloop_adapters.microscopes import fei, hitachi, jeol, read_pixel_size, read_vendor_metadata, tescan, zeiss
+from qcloop_adapters.microscopes._units import parse_length_nm
 from qcloop.config import ImagingConfig
 from qcloop.imaging import load_image
 

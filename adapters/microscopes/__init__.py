@@ -18,8 +18,8 @@ from pathlib import Path
 
 import tifffile
 
-from adapters.microscopes import fei, hitachi, jeol, tescan, zeiss
-from adapters.microscopes._units import VendorReading, parse_length_nm
+from qcloop_adapters.microscopes import fei, hitachi, jeol, tescan, zeiss
+from qcloop_adapters.microscopes._units import VendorReading, parse_length_nm
 from qcloop.records import PixelSize
 
 __all__ = ["VENDORS", "VendorReading", "read_vendor_metadata", "read_pixel_size", "parse_length_nm"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import tifffile
 
-from adapters.microscopes._units import VendorReading, format_kv, plausible_nm
+from qcloop_adapters.microscopes._units import VendorReading, format_kv, plausible_nm
 
 NAME = "fei"
 TAGS = (34680, 34682)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tifffile
 
-from adapters.microscopes._units import (
+from qcloop_adapters.microscopes._units import (
     VendorReading,
     decode_text,
     format_kv,

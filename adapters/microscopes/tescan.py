@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tifffile
 
-from adapters.microscopes._units import (
+from qcloop_adapters.microscopes._units import (
     VendorReading,
     format_kv,
     plausible_nm,

@@ -13,7 +13,7 @@ from typing import Any
 
 import tifffile
 
-from adapters.microscopes._units import VendorReading, format_kv, parse_length_nm, plausible_nm
+from qcloop_adapters.microscopes._units import VendorReading, format_kv, parse_length_nm, plausible_nm
 
 NAME = "zeiss"
 TAG = 34118

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.controllers.simulated_reactor import ReactorModel, simulate_campaign
+from qcloop_adapters.controllers.simulated_reactor import ReactorModel, simulate_campaign
 from qcloop.config import BayesConfig, SetpointSpec, TargetSpec
 from qcloop.control import Controller
 from qcloop.control.bayes import objective, objective_terms, propose

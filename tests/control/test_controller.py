@@ -8,7 +8,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from adapters.controllers.simulated_reactor import ReactorModel, simulate_campaign
+from qcloop_adapters.controllers.simulated_reactor import ReactorModel, simulate_campaign
 from qcloop.config import load_settings
 from qcloop.control import Controller, parse_ack
 from qcloop.control.pi import evaluate_rules, outside_probability

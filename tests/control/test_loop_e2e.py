@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapters.controllers.simulated_reactor import ReactorModel, SimulatedReactor
+from qcloop_adapters.controllers.simulated_reactor import ReactorModel, SimulatedReactor
 from qcloop.config import load_settings
 from qcloop.control.safety import violations
 from qcloop.demo import DEMO_CONFIG, _wait_online
