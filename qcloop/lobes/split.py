@@ -1,0 +1,350 @@
+"""Step 1 of the grouping: split segmented regions into lobes, by circles and by seams.
+
+A segmenter's region may be a whole particle, one lobe of a fused particle, several fused lobes
+in one piece, or a piece of a lobe. One circle is fitted to the part of every region's outline
+that faces the background (points near a pixel where two regions touch, or near the image edge,
+left out). Where it fits worse than a disc's outline does, 2 and 3 circles are fitted (k-means
+on the outline points from three starts, one of them the circle through most of the outline: a
+big lobe with a small one beside it; :mod:`qcloop.lobes.circles`); they replace the single
+circle when they fit much better and make plausible lobes (arc support, size, centres inside
+and apart, each owning a fair share of the pixels, the discs inside the region). The region is
+split along the circles' radical lines (the chord through the intersections of two overlapping
+circles: the neck); split-off parts are examined again (chains of lobes)
+(:func:`split_by_circles`). All regions are fitted at once (batched algebraic fits refined by
+Gauss-Newton steps), so the cost is a few array passes. Parts too large for one disc are then
+cut along a dark straight seam at a neck (:func:`split_by_seams`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from qcloop.lobes.circles import _MIN_ARC_POINTS, _fit_circle_groups, _kmeans_starts, _trimmed_inliers
+from qcloop.lobes.labels import _clearance, _geometry, _Geometry, _label_max, _outline_points, _relabel, lobe_radius_px
+
+#: ... and this much to count as one lobe of a split region.
+_MIN_SPLIT_COVERAGE = np.deg2rad(70.0)
+#: k circles replace fewer ones when their RMS residual is below this fraction of the best fewer.
+_RMS_GAIN = 0.4
+#: ... and 3 circles replace 2 when below this fraction of their RMS residual.
+_RMS_GAIN_MORE = 0.6
+#: A lobe has at least this fraction of the area of a disc of the typical lobe radius.
+_MIN_LOBE_AREA = 0.3
+#: Offsets closer than 2.5 px: a pixel is at least 2.5 px inside a mask where all of them are in it.
+_INNER_2_5 = np.hypot(*np.mgrid[-2:3, -2:3]) < 2.5
+#: One circle describes an outline whose RMS residual is at most this fraction of the typical lobe radius.
+_ONE_CIRCLE_RMS = 0.05
+#: The largest of a split's circles has at least this fraction of its disc inside the region.
+_MIN_BIG_INSIDE = 0.75
+
+
+def _plausible_lobes(cy: np.ndarray, cx: np.ndarray, r: np.ndarray, r_eq: np.ndarray, labels_sub: np.ndarray,
+                     lobes: np.ndarray, pr: np.ndarray, pc: np.ndarray, pix_reg: np.ndarray, px_area: float,
+                     r_typ: float) -> np.ndarray:
+    """Which regions' ``k`` circles (arrays of shape (n, k)) make plausible lobes.
+
+    Each circle is sized like a lobe of the region (0.3 to 1.5 x its equivalent radius
+    ``r_eq``), centred inside it and apart from the others (by half the smaller radius), owns
+    (power diagram) at least ``_MIN_LOBE_AREA`` of a typical lobe's disc of the region's pixels
+    (``pr, pc``, region index ``pix_reg``; a sample, each pixel standing for ``px_area``), and
+    has at least half its disc inside the region, the largest at least ``_MIN_BIG_INSIDE`` of
+    it (a lobe is not wider than its particle). ``labels_sub``: the regions' labels in
+    ``lobes`` (the label image, same coordinates as the circles).
+    """
+    n, k = r.shape
+    height, width = lobes.shape
+    valid = np.all((r >= 0.3 * r_eq[:, None]) & (r <= 1.5 * r_eq[:, None]), axis=1)
+    iy = np.clip(np.round(np.nan_to_num(cy)).astype(np.intp), 0, height - 1)
+    ix = np.clip(np.round(np.nan_to_num(cx)).astype(np.intp), 0, width - 1)
+    valid &= np.all((lobes[iy, ix] == labels_sub[:, None]) & np.isfinite(cy), axis=1)
+    for i in range(k):
+        for j in range(i + 1, k):
+            sep = np.hypot(cy[:, i] - cy[:, j], cx[:, i] - cx[:, j])
+            valid &= sep >= 0.5 * np.minimum(r[:, i], r[:, j])
+    if not valid.any():
+        return valid
+    on = valid[pix_reg]
+    pr, pc, pix_reg = pr[on], pc[on], pix_reg[on]
+    power = np.stack([(pr - cy[pix_reg, j]) ** 2 + (pc - cx[pix_reg, j]) ** 2 - r[pix_reg, j] ** 2
+                      for j in range(k)])
+    owner = np.argmin(np.where(np.isfinite(power), power, np.inf), axis=0)
+    owned = px_area * np.bincount(pix_reg * k + owner, minlength=n * k).reshape(n, k)
+    valid &= owned.min(axis=1) >= _MIN_LOBE_AREA * np.pi * r_typ**2
+    inside = px_area * np.stack([np.bincount(pix_reg, power[j] <= 0, n) for j in range(k)], axis=1) / (np.pi * r**2)
+    big = np.argmax(np.nan_to_num(r), axis=1)
+    valid &= (inside[np.arange(n), big] >= _MIN_BIG_INSIDE) & np.all(inside >= 0.5, axis=1)
+    return valid
+
+
+def split_by_circles(lobes: np.ndarray, max_k: int = 3, candidates: np.ndarray | None = None, *,
+                     geometry: _Geometry | None = None, r_typ: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split lobes whose background-facing outline is two or more circles, not one.
+
+    Each lobe's outline facing the background gets one circle fitted; where that fits worse
+    than a disc's outline (RMS above ``max(0.8, 0.05 r)`` px, ``r`` the typical lobe radius),
+    ``k = 2..max_k`` circles are fitted (k-means from three starts, see :func:`fit_circles`)
+    and the best start kept that fits much better (RMS below 0.4 x the single circle's, 0.6 x
+    the 2 circles' for 3) and makes plausible lobes: each circle supported by at least 70
+    degrees of arc, sized like a lobe of the region (0.3 to 1.5 x its equivalent radius),
+    centred inside it and apart from the others, owning at least 0.3 x a typical lobe's disc
+    of its pixels and at least half its disc inside it (the largest circle 3/4). 3 circles are
+    not tried where 2 fit like one disc. The lobe is then split along the circles' radical
+    lines (power diagram: the chord through the intersections of two overlapping circles). A
+    lobe no larger than 1.2 x its largest inscribed disc is one disc and is not examined.
+
+    Parameters
+    ----------
+    lobes : ndarray of int, shape (H, W)
+    max_k : int
+        Most circles tried per lobe.
+    candidates : ndarray of int, optional
+        Only these lobe labels are examined (default: all).
+    geometry, r_typ
+        Precomputed distances (only ``dist`` is read) and typical lobe radius (internal use;
+        computed from ``lobes`` when either is missing).
+
+    Returns
+    -------
+    lobes : ndarray of int32, shape (H, W)
+        Split lobes; a split lobe keeps its label for one part, the others get new labels
+        above the previous maximum (labels are not made sequential).
+    changed : ndarray of int
+        Labels of every part of every lobe that was split.
+    """
+    out = lobes.astype(np.int32, copy=True)
+    m = int(out.max())
+    if m == 0 or max_k < 2:
+        return out, np.zeros(0, np.int64)
+    if geometry is None or r_typ is None:
+        if r_typ is None:
+            r_typ = lobe_radius_px(out)
+        geometry = _geometry(out)
+    area = np.bincount(out[out > 0], minlength=m + 1).astype(float)
+    r_in = _label_max(out, geometry.dist, m) + 1.0
+    cand = area > 1.2 * np.pi * r_in**2
+    cand[0] = False
+    if candidates is not None:
+        sel = np.zeros(m + 1, bool)
+        c = np.asarray(candidates, np.int64)
+        sel[c[(c > 0) & (c <= m)]] = True
+        cand &= sel
+    if not cand.any():
+        return out, np.zeros(0, np.int64)
+    view = out
+    if candidates is not None:  # a few parts: work in their bounding box (a view of out)
+        on = cand[out]
+        rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+        pad = int(np.ceil(_clearance(r_typ))) + 2
+        view = out[max(rows[0] - pad, 0): rows[-1] + pad + 1, max(cols[0] - pad, 0): cols[-1] + pad + 1]
+    lab, y, x = _outline_points(view, _clearance(r_typ), cand)
+    ids = np.flatnonzero(cand)  # candidate labels; index i in the batched fits
+    index = np.full(m + 1, -1, np.intp)
+    index[ids] = np.arange(ids.size)
+    reg = index[lab]
+    n = ids.size
+    npts = np.bincount(reg, minlength=n)
+    r_eq = np.sqrt(area[ids] / np.pi)
+    rms1 = _fit_circle_groups(reg, y, x, n)[3]
+    one_rms = max(0.8, _ONE_CIRCLE_RMS * r_typ)
+    good_one = np.isfinite(rms1) & (rms1 <= one_rms)
+    try_k = (npts >= 2 * _MIN_ARC_POINTS) & ~good_one
+    if not try_k.any():
+        return out, np.zeros(0, np.int64)
+    # keep only the regions worth a multi-circle fit
+    keep_pt = try_k[reg]
+    sub = np.flatnonzero(try_k)
+    reindex = np.full(n, -1, np.intp)
+    reindex[sub] = np.arange(sub.size)
+    reg2, y2, x2 = reindex[reg[keep_pt]], y[keep_pt], x[keep_pt]
+    labels_sub = ids[sub]
+    ns = sub.size
+    best_rms = np.where(np.isfinite(rms1[sub]), rms1[sub], np.inf)
+    best_k = np.ones(ns, int)
+    best_circles: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    # every 4th pixel (2 x 2 grid) of the examined regions, for the pixel-share checks
+    preg = np.full(m + 1, -1, np.intp)
+    preg[labels_sub] = np.arange(ns)
+    grid = preg[view[::2, ::2]]
+    pr, pc = np.nonzero(grid >= 0)
+    pix_reg = grid[pr, pc]
+    pr, pc = 2 * pr, 2 * pc
+    dominant = _trimmed_inliers(reg2, y2, x2, ns)
+    need = np.ones(ns, bool)
+    for k in range(2, max_k + 1):
+        # regions that k - 1 circles describe as well as one circle a disc are done
+        need &= ~((best_k >= 2) & (best_rms <= one_rms))
+        if not need.any():
+            break
+        on = need[reg2]
+        limit = np.where(best_k >= 2, _RMS_GAIN_MORE, _RMS_GAIN) * best_rms
+        k_rms = np.full(ns, np.inf)
+        for cy, cx, r, cov, rms, ok in _kmeans_starts(reg2[on], y2[on], x2[on], ns, k, dominant=dominant[on]):
+            cy, cx, r, cov = (a.reshape(ns, k) for a in (cy, cx, r, cov))
+            valid = need & ok & (rms < np.minimum(limit, k_rms)) & np.all(cov >= _MIN_SPLIT_COVERAGE, axis=1)
+            valid &= _plausible_lobes(cy, cx, r, r_eq[sub], labels_sub, view, pr, pc, pix_reg, 4.0, r_typ)
+            for i in np.flatnonzero(valid):
+                best_circles[int(i)] = (cy[i], cx[i], r[i])
+            k_rms = np.where(valid, rms, k_rms)
+        found = np.isfinite(k_rms)
+        best_rms = np.where(found, k_rms, best_rms)
+        best_k = np.where(found, k, best_k)
+    split = np.flatnonzero(best_k >= 2)
+    if split.size == 0:
+        return out, np.zeros(0, np.int64)
+    kmax = int(best_k.max())
+    ccy = np.full((ns, kmax), np.nan)
+    ccx = np.full((ns, kmax), np.nan)
+    crr = np.full((ns, kmax), np.nan)
+    for i in split:
+        c_y, c_x, c_r = best_circles[int(i)]
+        ccy[i, : c_y.size], ccx[i, : c_x.size], crr[i, : c_r.size] = c_y, c_x, c_r
+    full = np.full(m + 1, -1, np.intp)
+    full[labels_sub[split]] = split
+    pix_reg = full[view]
+    pr, pc = np.nonzero(pix_reg >= 0)
+    pix_reg = pix_reg[pr, pc]
+    power = np.stack([(pr - ccy[pix_reg, j]) ** 2 + (pc - ccx[pix_reg, j]) ** 2 - crr[pix_reg, j] ** 2
+                      for j in range(kmax)])
+    owner = np.argmin(np.where(np.isfinite(power), power, np.inf), axis=0)
+    # part 0 keeps the label; part j > 0 of split region i gets a new label
+    new_label = m + 1 + np.arange(ns * kmax).reshape(ns, kmax)
+    moved = owner > 0
+    view[pr[moved], pc[moved]] = new_label[pix_reg[moved], owner[moved]]
+    changed = [labels_sub[split]]
+    for i in split:
+        changed.append(new_label[i, 1: best_k[i]])
+    changed_arr = np.concatenate(changed).astype(np.int64)
+    return out, changed_arr
+
+
+def _best_seam_chord(own: np.ndarray, grey: np.ndarray, r_typ: float, span: float,
+                     min_area: float, max_chord: float, n_angles: int = 18) -> tuple[float, float, float] | None:
+    """Straight chord across a piece (mask ``own``) along which the image is darkest relative
+    to both sides.
+
+    Only chords across a neck count (see the code). Every pixel of the piece at least 2.5 px
+    inside its outline is binned by its signed
+    distance to lines of ``n_angles`` directions (1 px bins); a chord's darkness is the mean
+    grey 2 to 4 px to either side minus the mean grey on it, over ``span``. Chords leaving
+    less than ``min_area`` px on one side are not considered.
+
+    Returns
+    -------
+    (depth, angle, offset) or None
+        ``depth`` over ``span``; the chord is ``x cos(angle) + y sin(angle) = offset`` in crop
+        coordinates.
+    """
+    yy, xx = np.nonzero(own)
+    ang = np.linspace(0.0, np.pi, n_angles, endpoint=False)
+    proj = np.outer(np.cos(ang).astype(np.float32), xx.astype(np.float32))  # (A, N)
+    proj += np.outer(np.sin(ang).astype(np.float32), yy.astype(np.float32))
+    lo = np.floor(proj.min(axis=1))
+    proj -= lo[:, None].astype(np.float32)
+    key = proj.astype(np.intp)  # bin (>= 0, so truncation is floor) ...
+    nb = int(key.max()) + 1
+    key += (np.arange(n_angles) * nb)[:, None]  # ... of each angle
+    area = np.bincount(key.ravel(), minlength=n_angles * nb).reshape(n_angles, nb)
+    cum = np.cumsum(area, axis=1)
+    ok_side = (cum >= min_area) & (cum[:, -1:] - cum >= min_area)
+    # a neck: the chord (pixels of the piece on it) no longer than max_chord, and at least
+    # 10 % narrower than the piece somewhere within 0.6 r_typ on either side
+    w = max(2, int(round(0.6 * r_typ)))
+    padded = np.pad(area, ((0, 0), (w, w)))
+    left = padded[:, w - 1: w - 1 + nb].copy()
+    right = padded[:, w + 1: w + 1 + nb].copy()
+    for d in range(2, w + 1):
+        np.maximum(left, padded[:, w - d: w - d + nb], out=left)
+        np.maximum(right, padded[:, w + d: w + d + nb], out=right)
+    valid = ok_side & (area <= 0.9 * np.minimum(left, right)) & (area <= max_chord)
+    if not valid.any():
+        return None
+    inner = ndi.binary_erosion(own, _INNER_2_5, border_value=1)[yy, xx]  # >= 2.5 px from a zero of own
+    if inner.sum() < 20:
+        return None
+    kin = key[:, inner]
+    g = grey[yy[inner], xx[inner]]
+    cnt = np.bincount(kin.ravel(), minlength=n_angles * nb).reshape(n_angles, nb).astype(float)
+    tot = np.bincount(kin.ravel(), np.broadcast_to(g, kin.shape).ravel(), minlength=n_angles * nb).reshape(
+        n_angles, nb)
+    pad = 4
+    cntp = np.pad(cnt, ((0, 0), (pad, pad)))
+    totp = np.pad(tot, ((0, 0), (pad, pad)))
+    side_c = sum(cntp[:, pad + d: pad + d + nb] + cntp[:, pad - d: pad - d + nb] for d in (2, 3, 4))
+    side_t = sum(totp[:, pad + d: pad + d + nb] + totp[:, pad - d: pad - d + nb] for d in (2, 3, 4))
+    valid &= (cnt >= 0.6 * r_typ) & (side_c >= 3.0 * r_typ)
+    if not valid.any():
+        return None
+    depth = np.where(valid, side_t / np.maximum(side_c, 1) - tot / np.maximum(cnt, 1), -np.inf)
+    i, j = np.unravel_index(np.argmax(depth), depth.shape)
+    return float(depth[i, j] / span), float(ang[i]), float(lo[i] + j + 0.5)
+
+
+def split_by_seams(lobes: np.ndarray, grey: np.ndarray, r_typ: float, span: float, min_depth: float = 0.05,
+                   min_ratio: float = 1.4, max_chord: float = 2.4, candidates: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Cut lobes too large for one disc along the darkest straight seam across them.
+
+    A lobe of at least ``min_ratio`` x a typical lobe's disc (``pi r_typ**2``) may hold two
+    lobes whose outline barely shows it (the small middle lobe of a trimer, cut from its other
+    neighbour by the segmenter). It is cut along the straight chord across a neck (no longer
+    than ``max_chord`` x ``r_typ`` and 10 % narrower than the lobe within 0.6 ``r_typ`` on
+    either side) that is darkest relative to the grey 2 to 4 px to either side
+    (:func:`_best_seam_chord`), when that darkness reaches ``min_depth`` x ``span`` (the grey
+    range of the lobes) and both parts are at least a third of a typical lobe's area.
+
+    Parameters
+    ----------
+    lobes : ndarray of int, shape (H, W)
+    grey : ndarray of float, shape (H, W)
+        Denoised intensity, bright particles.
+    r_typ, span : float
+        Typical lobe radius (px); grey range of the lobes.
+    candidates : ndarray of int, optional
+        Only these lobe labels are examined (default: all).
+
+    Returns
+    -------
+    lobes, changed : as :func:`split_by_circles`.
+    """
+    out = lobes.astype(np.int32, copy=True)
+    slices = ndi.find_objects(out)
+    nxt = int(out.max()) + 1
+    changed: list[int] = []
+    height, width = out.shape
+    min_area = np.pi * r_typ**2 / 3.0
+    area = np.bincount(out.ravel(), minlength=len(slices) + 1)
+    big = np.flatnonzero(area >= min_ratio * np.pi * r_typ**2)
+    if candidates is not None:
+        big = np.intersect1d(big, candidates)
+    for k in big[big > 0]:
+        k = int(k)
+        sl = slices[k - 1]
+        if sl is None:
+            continue
+        r0, r1 = max(sl[0].start - 1, 0), min(sl[0].stop + 1, height)
+        c0, c1 = max(sl[1].start - 1, 0), min(sl[1].stop + 1, width)
+        own = out[r0:r1, c0:c1] == k
+        best = _best_seam_chord(own, grey[r0:r1, c0:c1], r_typ, span, min_area, max_chord * r_typ)
+        if best is None or best[0] < min_depth:
+            continue
+        _, angle, offset = best
+        yy, xx = np.nonzero(own)
+        far = xx * np.cos(angle) + yy * np.sin(angle) > offset
+        view = out[r0:r1, c0:c1]
+        view[yy[far], xx[far]] = nxt
+        changed += [k, nxt]
+        nxt += 1
+    return out, np.array(changed, np.int64)
+
+
+def _decompose(labels: np.ndarray, geo: _Geometry, r_typ: float, max_lobes: int) -> np.ndarray:
+    k = max(1, min(3, max_lobes))
+    if k < 2:
+        return _relabel(labels)
+    lobes, changed = split_by_circles(labels, k, geometry=geo, r_typ=r_typ)
+    for _ in range(max(0, max_lobes - 2)):  # a split-off part may itself hold several lobes
+        if changed.size == 0:
+            break
+        lobes, changed = split_by_circles(lobes, k, changed, geometry=geo, r_typ=r_typ)
+    return _relabel(lobes)
