@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.segmentation import relabel_sequential
 
 from qcloop._binary import cut_pixels, dilate_square
 
@@ -74,20 +75,12 @@ def _geometry(labels: np.ndarray) -> _Geometry:
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..n in the order of their values (0 stays background), as int32."""
+    """Labels renumbered 1..n in the order of their values (0 stays background), as int32
+    (:func:`skimage.segmentation.relabel_sequential`; negative labels raise ValueError)."""
     labels = np.asarray(labels)
-    top = int(labels.max()) if labels.size else 0
-    if labels.size and int(labels.min()) < 0:
-        raise ValueError("labels must not be negative")
-    if top > 4 * labels.size + 1000:  # sparse huge values: not worth a lookup table
-        uniq, inv = np.unique(labels, return_inverse=True)
-        out = inv.reshape(labels.shape).astype(np.int32)
-        return out if uniq[0] == 0 else out + 1
-    present = np.bincount(labels.ravel(), minlength=top + 1) > 0
-    present[0] = False
-    lut = np.cumsum(present).astype(np.int32)
-    lut[0] = 0
-    return lut[labels]
+    if labels.size == 0:  # relabel_sequential needs a minimum
+        return labels.astype(np.int32)
+    return relabel_sequential(labels)[0].astype(np.int32, copy=False)
 
 
 def _extend(labels: np.ndarray, geo: _Geometry) -> np.ndarray:
