@@ -101,7 +101,7 @@ def open_client(text: str) -> Iterator[Any]:
     try:
         if kind == "local":
             cluster = LocalCluster(n_workers=value or local_workers(), threads_per_worker=1,
-                                   processes=True, dashboard_address=None, silence_logs=logging.ERROR)
+                                   processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
             client = Client(cluster)
         elif kind == "address":
             client = Client(value, timeout=CONNECT_TIMEOUT_S)
