@@ -235,3 +235,23 @@ def test_batch_names_are_safe_folder_names_and_read_back_as_strings(tmp_path):
     assert back["batch"].dtype == "category" and sorted(back["batch"].unique()) == ["0042", "42"]
     assert back["particle_id"].dtype == "int64" and back["touches_border"].dtype == bool
     assert back["corners"].isna().all()  # columns a table lacks are written empty, typed
+
+
+def test_archive_command_refuses_bad_input_before_any_work(tmp_path, capsys):
+    from qcloop.cli import main
+
+    (tmp_path / "root").mkdir()
+    with pytest.raises(SystemExit) as exc:  # argparse: exit 2 with the reason
+        main(["archive", str(tmp_path / "root"), "--out", str(tmp_path / "o"), "--cluster", "sched:8786"])
+    assert exc.value.code == 2 and "expected local, local:N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["batch", str(tmp_path), "--out", str(tmp_path / "o"), "--cluster", "local:0"])
+    assert "whole number of workers" in capsys.readouterr().err
+    assert main(["archive", str(tmp_path / "root"), "--out", str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["archive", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["archive", str(tmp_path / "root"), "--out", str(tmp_path / "o"),
+                 "--model", str(tmp_path / "m.json")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

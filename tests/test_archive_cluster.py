@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -168,12 +167,25 @@ def test_batch_and_analyze_with_cluster_match_the_local_run(konstanz, setup_file
         assert (local / "overlays" / f"{p.stem}.png").read_bytes() == (remote / "overlays" / f"{p.stem}.png").read_bytes()
 
 
-def test_bytes_transfer_gives_the_same_particles(konstanz, setup_files, serial, cluster, tmp_path):
-    root = link_subset(konstanz, tmp_path / "root", SUBSET[:3])
+def test_bytes_transfer_and_a_bad_file(konstanz, setup_files, serial, cluster, tmp_path):
+    three = ("GM_116_20", "GM_124_01", "GM_59_21")
+    root = link_subset(konstanz, tmp_path / "root", three)
+    (root / "GM_59_99.tif").write_bytes((konstanz / "GM_59_20.tif").read_bytes()[:3000])  # truncated
     out = tmp_path / "out"
-    summary = run_archive(root, out, settings_of(setup_files), cluster=cluster.scheduler_address, transfer="bytes")
-    assert summary.n_analysed == 3 and summary.n_failed == 0
-    assert_rows_match(pd.read_parquet(out / "particles.parquet"), serial, SUBSET[:3])
+    settings = settings_of(setup_files)
+    summary = run_archive(root, out, settings, cluster=cluster.scheduler_address, transfer="bytes")
+    assert (summary.n_analysed, summary.n_failed) == (4, 1)
+    assert_rows_match(pd.read_parquet(out / "particles.parquet"), serial, three)
+    failed = pd.read_csv(out / "failed.csv")
+    assert failed[["image", "batch", "retried"]].values.tolist() == [["GM_59_99", "GM_59", False]]
+    assert failed["reason"].iloc[0]
+    doc = json.loads((out / "batches" / "GM_59" / "batch.json").read_text())
+    assert [f["image"] for f in doc["failed"]] == ["GM_59_99"] and doc["images"] == ["GM_59_21"]
+    images = pd.read_parquet(out / "images.parquet").set_index("image")
+    assert images.loc["GM_59_99", "status"] == "failed" and pd.isna(images.loc["GM_59_99", "n_particles"])
+    # the same bad bytes are not tried again; the CLI says so with exit code 1
+    again = run_archive(root, out, settings, cluster=cluster.scheduler_address)
+    assert (again.n_analysed, again.n_reused, again.n_failed) == (0, 4, 1)
 
 
 # --------------------------------------------------------------------------- failures

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +55,15 @@ log = logging.getLogger(__name__)
 
 def add_cluster_argument(parser: argparse.ArgumentParser, *, default: str | None = None) -> None:
     """Add ``--cluster SPEC`` to a command's parser."""
-    parser.add_argument("--cluster", metavar="SPEC", default=default, help=_CLUSTER_HELP)
+    parser.add_argument("--cluster", metavar="SPEC", default=default, type=_cluster_value, help=_CLUSTER_HELP)
+
+
+def _cluster_value(text: str) -> str:
+    try:
+        parse_cluster(text)
+    except QcloopError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--cluster {text!r}: ")) from None
+    return text
 
 
 def parse_cluster(text: str) -> tuple[str, Any]:
@@ -74,10 +84,14 @@ def parse_cluster(text: str) -> tuple[str, Any]:
 
 
 def require_dask() -> None:
+    import importlib.util
+
     try:
-        import distributed  # noqa: F401
-    except ImportError:
-        raise QcloopError("--cluster needs Dask: pip install 'qcloop[cluster]'") from None
+        found = importlib.util.find_spec("distributed") is not None
+    except ValueError:  # a module set to None in sys.modules (tests)
+        found = False
+    if not found:
+        raise QcloopError("--cluster needs Dask: pip install 'qcloop[cluster]'")
 
 
 def local_workers() -> int:
@@ -167,14 +181,15 @@ def run_jobs(client: Any, spec: WorkSpec, func: Callable[..., dict[str, Any]],
             running.add(fut)
 
     bar = tqdm(total=len(work), desc=desc, unit="img", file=sys.stderr, disable=None)
+    window = _Window(client)
     try:
-        submit(_window(client))
+        submit(window.size())
         for fut in running:
             i = index.pop(fut)
             yield i, _result(fut, Path(work[i][0]))
             fut.release()
             bar.update(1)
-            submit(max(0, _window(client) - len(index)))
+            submit(max(0, window.size() - len(index)))
     finally:
         bar.close()
         for fut in list(index):
@@ -215,9 +230,17 @@ def _result(fut: Any, path: Path) -> dict[str, Any]:
     return {"path": path, "error": reason, "transient": True}
 
 
-def _window(client: Any) -> int:
-    threads = sum(client.nthreads().values())
-    return max(MIN_WINDOW, WINDOW_PER_THREAD * threads)
+class _Window:
+    """Tasks to keep in flight: WINDOW_PER_THREAD per worker thread, re-counted every few seconds."""
+
+    def __init__(self, client: Any, every_s: float = 2.0):
+        self.client, self.every_s, self.at, self.n = client, every_s, -math.inf, MIN_WINDOW
+
+    def size(self) -> int:
+        if time.monotonic() - self.at > self.every_s:
+            self.n = max(MIN_WINDOW, WINDOW_PER_THREAD * sum(self.client.nthreads().values()))
+            self.at = time.monotonic()
+        return self.n
 
 
 def _wait_for_workers(client: Any) -> None:

@@ -25,7 +25,6 @@ import argparse
 from pathlib import Path
 
 from qcloop.cluster import add_cluster_argument
-from qcloop.errors import QcloopError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,19 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qcloop.cluster.archive import run_archive
-    from qcloop.config import load_settings
-    from qcloop.targets import load_targets, validate_target_names
+    from qcloop.commands.batch import settings_and_targets
 
-    settings = load_settings(args.config)
-    if args.model is not None:
-        if not args.model.is_file():
-            raise QcloopError(f"model file not found: {args.model}")
-        settings.pipeline.classifier = args.model.resolve()
-    if args.targets is not None:
-        targets = load_targets(args.targets)
-    else:
-        targets = dict(settings.targets)
-        validate_target_names(targets)
+    settings, targets = settings_and_targets(args)
     summary = run_archive(args.root, args.out, settings, targets=targets, cluster=args.cluster,
                           transfer=args.transfer, rehash=args.rehash)
     print(format_summary(summary))

@@ -67,25 +67,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from qcloop.commands.analyze import collect_images
+def settings_and_targets(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """``--config`` with ``--model`` applied, and ``--targets`` (else the config's); also for ``archive``.
+
+    The targets are checked here, before any image is analysed: a typo fails at once.
+    """
     from qcloop.config import load_settings
-    from qcloop.pipeline import Pipeline
-    from qcloop.report import write_report
     from qcloop.targets import load_targets, validate_target_names
 
-    t_start = time.perf_counter()
     settings = load_settings(args.config)
     if args.model is not None:
         if not args.model.is_file():
             raise QcloopError(f"model file not found: {args.model}")
         settings.pipeline.classifier = args.model.resolve()
-    # targets are checked before any image is analysed: a typo fails at once
     if args.targets is not None:
         targets = load_targets(args.targets)
     else:
         targets = dict(settings.targets)
         validate_target_names(targets)
+    return settings, targets
+
+
+def run(args: argparse.Namespace) -> int:
+    from qcloop.commands.analyze import collect_images
+    from qcloop.pipeline import Pipeline
+    from qcloop.report import write_report
+
+    t_start = time.perf_counter()
+    settings, targets = settings_and_targets(args)
     if args.max_overlays < 0:
         raise QcloopError("--max-overlays must be >= 0")
 
