@@ -41,8 +41,11 @@ def test_parse_cluster_refuses_bad_values(text):
 
 def test_cluster_without_dask_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
-    with pytest.raises(QcloopError, match=r"pip install 'qcloop\[cluster\]'"):
+    with pytest.raises(QcloopError, match=r"need distributed: pip install 'qcloop\[cluster\]'"):
         require_dask()
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(QcloopError, match="need pyarrow"):
+        require_dask(("pyarrow",))
 
 
 def write_model(tmp_path):

@@ -101,7 +101,7 @@ def run_archive(root: Path, out: Path, settings: Any, *, targets: Mapping[str, A
     (:func:`qcloop.cluster.client.parse_cluster`); ``transfer`` ``auto | path | bytes`` (how
     workers get the files); ``rehash`` re-reads every file instead of trusting size + mtime.
     """
-    from qcloop.cluster.client import parse_cluster
+    from qcloop.cluster.client import parse_cluster, require_dask
     from qcloop.cluster.spec import WorkSpec
     from qcloop.pipeline import Pipeline
 
@@ -109,6 +109,7 @@ def run_archive(root: Path, out: Path, settings: Any, *, targets: Mapping[str, A
     if not root.is_dir():
         raise QcloopError(f"archive root is not a folder: {root}")
     parse_cluster(cluster)
+    require_dask(("distributed", "pyarrow"))
     targets = dict(settings.targets) if targets is None else dict(targets)
     images = find_images(root, settings.batch, skip=out)
     if not images:

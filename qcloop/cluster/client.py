@@ -83,15 +83,17 @@ def parse_cluster(text: str) -> tuple[str, Any]:
     raise QcloopError(f"--cluster {text!r}: expected local, local:N, tcp://HOST:PORT or scheduler-file:PATH")
 
 
-def require_dask() -> None:
+def require_dask(modules: tuple[str, ...] = ("distributed",)) -> None:
+    """Fail with an install hint unless the ``cluster`` extra's ``modules`` are installed."""
     import importlib.util
 
-    try:
-        found = importlib.util.find_spec("distributed") is not None
-    except ValueError:  # a module set to None in sys.modules (tests)
-        found = False
-    if not found:
-        raise QcloopError("--cluster needs Dask: pip install 'qcloop[cluster]'")
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ValueError:  # a module set to None in sys.modules (tests)
+            found = False
+        if not found:
+            raise QcloopError(f"--cluster and qcloop archive need {name}: pip install 'qcloop[cluster]'")
 
 
 def local_workers() -> int:
