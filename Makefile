@@ -1,5 +1,5 @@
 # Quick start:  make demo   (sets up .venv with the core install and runs the closed-loop demo)
-#               make test   (sets up .venv with the dev + foundation extras and runs the tests)
+#               make test   (sets up .venv with the dev + foundation + cluster extras and runs the tests)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -18,7 +18,7 @@ $(VENV)/.core: pyproject.toml setup.py | $(BIN)/python
 
 $(VENV)/.test: pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,foundation]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,foundation,cluster]'
 	touch $@ $(VENV)/.core
 
 install: $(VENV)/.core

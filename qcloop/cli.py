@@ -17,7 +17,7 @@ from qcloop.errors import QcloopError
 
 COMMAND_MODULES = (
     "qcloop.commands.analyze",
-    "qcloop.commands.batch",
+    "qcloop.commands.batch", "qcloop.commands.archive",
     "qcloop.commands.run", "qcloop.commands.check_config",
     "qcloop.commands.synth", "qcloop.commands.crops", "qcloop.commands.train",
     "qcloop.commands.models", "qcloop.commands.embed",

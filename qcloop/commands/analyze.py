@@ -3,6 +3,7 @@
 Segments and measures every particle of every image; writes ``particles.csv``, ``images.csv``
 (and ``failed.csv`` when some file could not be read) and, with ``--overlays``,
 ``overlays/<image>.png``. A bad file is reported and skipped; exit code 1 if any failed.
+``--cluster`` analyses the images on a Dask cluster (same output; docs/archive.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from qcloop.cluster import add_cluster_argument
 from qcloop.config import load_settings
 from qcloop.errors import InputImageError, QcloopError
 
@@ -28,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
     p.add_argument("--overlays", action="store_true", help="write overlays/<image>.png")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    add_cluster_argument(p)
     p.set_defaults(func=run)
 
 
@@ -58,21 +61,24 @@ def run(args: argparse.Namespace) -> int:
     if args.overlays:
         (out / "overlays").mkdir(exist_ok=True)
 
-    tables, summaries, failures = [], [], []
-    for path in tqdm(images, desc="analyze", unit="img", file=sys.stderr, disable=None):
-        try:
-            result = pipeline.analyze(path)
-        except InputImageError as exc:
-            failures.append({"image": path.stem, "path": str(path), "reason": exc.reason})
-            tqdm.write(f"qcloop: skipped {path}: {exc.reason}", file=sys.stderr)
-            continue
-        tables.append(result.particles)
-        summaries.append(result.summary())
-        if args.overlays:
-            from qcloop.overlay import draw_overlay
+    work = [(path, args.overlays) for path in images]
+    if args.cluster:
+        from qcloop.cluster import map_images
 
-            draw_overlay(result.image, result.masks, result.particles, color_by="lobes",
-                         path=out / "overlays" / f"{result.image.name}.png")
+        outcomes = map_images(args.cluster, settings, analyse_for_table, work, embed=False, desc="analyze")
+    else:
+        outcomes = tqdm((analyse_for_table(pipeline, *w) for w in work), desc="analyze", unit="img",
+                        file=sys.stderr, disable=None, total=len(work))
+    tables, summaries, failures = [], [], []
+    for r in outcomes:
+        if "error" in r:
+            failures.append({"image": r["path"].stem, "path": str(r["path"]), "reason": r["error"]})
+            tqdm.write(f"qcloop: skipped {r['path']}: {r['error']}", file=sys.stderr)
+            continue
+        tables.append(r["particles"])
+        summaries.append(r["summary"])
+        if r["overlay"] is not None:
+            (out / "overlays" / f"{r['name']}.png").write_bytes(r["overlay"])
 
     particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     particles.to_csv(out / "particles.csv", index=False)
@@ -88,6 +94,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'particles.csv'} ({len(particles)} particles), {out / 'images.csv'}"
           + (f", {len(failures)} failed (see {out / 'failed.csv'})" if failures else ""))
     return 1 if failures else 0
+
+
+def analyse_for_table(pipeline, path: Path, overlay: bool) -> dict:
+    """One image's particles, ``images.csv`` row and (``overlay``) PNG overlay coloured by lobes.
+
+    Returns ``{"path", "error"}`` for a bad image, else ``{"path", "name", "particles",
+    "summary", "overlay" (PNG bytes or None)}``: plain picklable results (``--cluster`` workers).
+    """
+    try:
+        result = pipeline.analyze(path)
+    except InputImageError as exc:
+        return {"path": path, "error": exc.reason}
+    png = None
+    if overlay:
+        import io
+
+        from PIL import Image
+
+        from qcloop.overlay import draw_overlay
+
+        buf = io.BytesIO()
+        Image.fromarray(draw_overlay(result.image, result.masks, result.particles, color_by="lobes"),
+                        "RGB").save(buf, format="PNG")
+        png = buf.getvalue()
+    return {"path": path, "name": result.image.name, "particles": result.particles,
+            "summary": result.summary(), "overlay": png}
 
 
 def format_summary(summary: pd.DataFrame) -> str:

@@ -17,6 +17,8 @@ A bad image is reported and skipped; the exit code is 1 when any image failed, 0
 makes a failing verdict exit 3). ``--jobs N`` analyses N images at a time in worker processes
 (default: one per core for the classical segmenter and the morphology embedder); the
 ``seconds`` in batch.json are then summed over the workers, ``total`` is the wall time.
+``--cluster SPEC`` analyses the images on a Dask cluster instead (``--jobs`` is then unused;
+same output; docs/archive.md).
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from qcloop.cluster import add_cluster_argument
 from qcloop.errors import InputImageError, QcloopError
 
 SCHEMA = "qcloop.batch/1"
@@ -59,29 +63,38 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "for the classical segmenter and morphology embedder; 1 with SAM or DINOv2)")
     p.add_argument("--fail-on-verdict", action="store_true",
                    help=f"exit {EXIT_VERDICT_FAILED} when a QC check fails")
+    add_cluster_argument(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from qcloop.batch import batch_metrics
-    from qcloop.commands.analyze import collect_images
-    from qcloop.config import load_settings
-    from qcloop.pipeline import Pipeline
-    from qcloop.report import write_report
-    from qcloop.targets import evaluate_targets, load_targets, validate_target_names
+def settings_and_targets(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """``--config`` with ``--model`` applied, and ``--targets`` (else the config's); also for ``archive``.
 
-    t_start = time.perf_counter()
+    The targets are checked here, before any image is analysed: a typo fails at once.
+    """
+    from qcloop.config import load_settings
+    from qcloop.targets import load_targets, validate_target_names
+
     settings = load_settings(args.config)
     if args.model is not None:
         if not args.model.is_file():
             raise QcloopError(f"model file not found: {args.model}")
         settings.pipeline.classifier = args.model.resolve()
-    # targets are checked before any image is analysed: a typo fails at once
     if args.targets is not None:
         targets = load_targets(args.targets)
     else:
         targets = dict(settings.targets)
         validate_target_names(targets)
+    return settings, targets
+
+
+def run(args: argparse.Namespace) -> int:
+    from qcloop.commands.analyze import collect_images
+    from qcloop.pipeline import Pipeline
+    from qcloop.report import write_report
+
+    t_start = time.perf_counter()
+    settings, targets = settings_and_targets(args)
     if args.max_overlays < 0:
         raise QcloopError("--max-overlays must be >= 0")
 
@@ -97,20 +110,16 @@ def run(args: argparse.Namespace) -> int:
         raise QcloopError("--jobs must be >= 1")
     jobs = min(jobs, len(images))
 
-    tables: list[pd.DataFrame] = []
-    embeddings: list[np.ndarray] = []
-    overlays: list[tuple[str, bytes]] = []
-    failures: list[dict[str, str]] = []
-    analysed: list[str] = []
-    stage_seconds: dict[str, float] = {}
     work = [(path, i < args.max_overlays) for i, path in enumerate(images)]
     progress = dict(desc="batch", unit="img", file=sys.stderr, disable=None, total=len(work))
-    if jobs == 1:
-        global _PIPELINE
-        _PIPELINE = pipeline
-        results = (_analyse_one(w) for w in work)
-        outcomes = tqdm(results, **progress)
-        pool = None
+    pool = source = None
+    if args.cluster:
+        from qcloop.cluster import map_images
+
+        source = map_images(args.cluster, settings, analyse_for_batch, work, embed=True, desc="batch")
+        outcomes = source
+    elif jobs == 1:
+        outcomes = tqdm((analyse_for_batch(pipeline, *w) for w in work), **progress)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -119,56 +128,25 @@ def run(args: argparse.Namespace) -> int:
                                    initializer=_init_worker, initargs=(settings,))
         outcomes = tqdm(pool.map(_analyse_one, work), **progress)
     try:
-        for r in outcomes:
-            if "error" in r:
-                failures.append({"image": r["path"].stem, "path": str(r["path"]), "reason": r["error"]})
-                tqdm.write(f"qcloop: skipped {r['path']}: {r['error']}", file=sys.stderr)
-                continue
-            for k, v in r["seconds"].items():
-                stage_seconds[k] = stage_seconds.get(k, 0.0) + v
-            tables.append(r["particles"])
-            analysed.append(r["name"])
-            if r["embeddings"] is not None:
-                embeddings.append(r["embeddings"])
-            if r["overlay"] is not None:
-                overlays.append((r["name"], r["overlay"]))
+        score = score_batch(_announce_failures(outcomes), settings=settings, targets=targets,
+                            embedder_spec=getattr(pipeline.embedder, "spec", None))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-
-    particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=["image", "particle_id", "touches_border", "class", "class_probability"])
-    emb = _stack(embeddings, len(particles)) if len(embeddings) == len(tables) else None
-    metrics = batch_metrics(particles, emb, n_images=len(analysed))
-    flat, unc = metrics.flat(), metrics.uncertainty()
-    verdict = evaluate_targets(flat, targets, unc)
+        if source is not None:
+            source.close()
+    particles, metrics, verdict, doc = score.particles, score.metrics, score.verdict, score.doc
+    failures, model = score.failures, doc["model"]
 
     particles.to_csv(out / "particles.csv", index=False)
-    model = str(settings.pipeline.classifier) if settings.pipeline.classifier else None
-    doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config_hash": settings.config_hash(),
-        "model": model,
-        "segmenter": settings.pipeline.segmenter,
-        "embedder": getattr(pipeline.embedder, "spec", None),
-        "images": analysed,
-        "failed": failures,
-        "metrics": metrics.to_dict(),
-        "flat": {k: _num(v) for k, v in flat.items()},
-        "uncertainty": {k: _num(v) for k, v in unc.items()},
-        "targets": {k: v.model_dump(exclude_none=True) for k, v in targets.items()},
-        "verdict": verdict.to_dict(),
-        "seconds": {k: round(v, 4) for k, v in stage_seconds.items()},
-    }
     t0 = time.perf_counter()
     write_report(out / "report.html", metrics, verdict if targets else None, particles=particles,
-                 embeddings=emb, overlays=overlays, failures=failures,
+                 embeddings=score.embeddings, overlays=score.overlays, failures=failures,
                  title=args.title or f"Batch {out.resolve().name}",
                  meta={"model": Path(model).name if model else "none (one class)",
                        "segmenter": settings.pipeline.segmenter,
                        "embedder": settings.pipeline.embedder},
-                 uncertainty=unc)
+                 uncertainty=score.uncertainty)
     doc["seconds"]["report"] = round(time.perf_counter() - t0, 4)
     doc["seconds"]["total"] = round(time.perf_counter() - t_start, 4)
     (out / "batch.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -183,8 +161,90 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- the batch's figures
+@dataclass(frozen=True)
+class BatchScore:
+    """What :func:`score_batch` computed: the content of particles.csv, batch.json and the report.
+
+    ``doc`` is batch.json without the ``report`` and ``total`` entries of ``seconds`` (the
+    command adds them); ``overlays`` are ``(image name, PNG bytes)``; ``failures`` are
+    ``{"image", "path", "reason"}``.
+    """
+
+    particles: pd.DataFrame
+    embeddings: np.ndarray | None
+    metrics: Any
+    verdict: Any
+    uncertainty: dict[str, float]
+    overlays: list[tuple[str, bytes]]
+    failures: list[dict[str, str]]
+    doc: dict[str, Any]
+
+
+def score_batch(outcomes: Iterable[dict[str, Any]], *, settings: Any, targets: Mapping[str, Any],
+                embedder_spec: str | None) -> BatchScore:
+    """Batch metrics, verdict and the batch.json document from per-image outcomes.
+
+    ``outcomes`` are the dicts of :func:`analyse_for_batch`, in image order (``qcloop batch``
+    and ``qcloop archive`` both score their batches here, so their figures are identical).
+    """
+    from qcloop.batch import batch_metrics
+    from qcloop.targets import evaluate_targets
+
+    tables: list[pd.DataFrame] = []
+    embeddings: list[np.ndarray] = []
+    overlays: list[tuple[str, bytes]] = []
+    failures: list[dict[str, str]] = []
+    analysed: list[str] = []
+    stage_seconds: dict[str, float] = {}
+    for r in outcomes:
+        if "error" in r:
+            failures.append({"image": r["path"].stem, "path": str(r["path"]), "reason": r["error"]})
+            continue
+        for k, v in r["seconds"].items():
+            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+        tables.append(r["particles"])
+        analysed.append(r["name"])
+        if r["embeddings"] is not None:
+            embeddings.append(r["embeddings"])
+        if r["overlay"] is not None:
+            overlays.append((r["name"], r["overlay"]))
+
+    particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["image", "particle_id", "touches_border", "class", "class_probability"])
+    emb = _stack(embeddings, len(particles)) if len(embeddings) == len(tables) else None
+    metrics = batch_metrics(particles, emb, n_images=len(analysed))
+    flat, unc = metrics.flat(), metrics.uncertainty()
+    verdict = evaluate_targets(flat, targets, unc)
+    model = str(settings.pipeline.classifier) if settings.pipeline.classifier else None
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": settings.config_hash(),
+        "model": model,
+        "segmenter": settings.pipeline.segmenter,
+        "embedder": embedder_spec,
+        "images": analysed,
+        "failed": failures,
+        "metrics": metrics.to_dict(),
+        "flat": {k: _num(v) for k, v in flat.items()},
+        "uncertainty": {k: _num(v) for k, v in unc.items()},
+        "targets": {k: v.model_dump(exclude_none=True) for k, v in targets.items()},
+        "verdict": verdict.to_dict(),
+        "seconds": {k: round(v, 4) for k, v in stage_seconds.items()},
+    }
+    return BatchScore(particles, emb, metrics, verdict, unc, overlays, failures, doc)
+
+
+def _announce_failures(outcomes: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for r in outcomes:
+        if "error" in r:
+            tqdm.write(f"qcloop: skipped {r['path']}: {r['error']}", file=sys.stderr)
+        yield r
+
+
 # --------------------------------------------------------------------------- per-image work
-_PIPELINE: Any = None  # the Pipeline of this process (main process, or one per worker)
+_PIPELINE: Any = None  # the Pipeline of a --jobs worker process
 
 
 def _init_worker(settings: Any) -> None:
@@ -195,16 +255,20 @@ def _init_worker(settings: Any) -> None:
 
 
 def _analyse_one(job: tuple[Path, bool]) -> dict[str, Any]:
-    """Analyse one image with this process's pipeline; plain picklable results.
+    return analyse_for_batch(_PIPELINE, *job)
+
+
+def analyse_for_batch(pipeline: Any, path: Path, want_overlay: bool) -> dict[str, Any]:
+    """Analyse one image with ``pipeline``; plain picklable results.
 
     Returns ``{"path", "error"}`` for a bad image (InputImageError), else ``{"path", "name",
-    "particles", "embeddings", "overlay" (PNG bytes or None), "seconds"}``.
+    "particles", "embeddings", "overlay" (PNG bytes or None), "seconds", "summary"}``
+    (``summary``: the image's row of ``images.csv``, :meth:`ImageResult.summary`).
     """
     from qcloop.report import image_png
 
-    path, want_overlay = job
     try:
-        result = _PIPELINE.analyze(path)
+        result = pipeline.analyze(path)
     except InputImageError as exc:
         return {"path": path, "error": exc.reason}
     seconds = dict(result.stage_seconds)
@@ -220,7 +284,7 @@ def _analyse_one(job: tuple[Path, bool]) -> dict[str, Any]:
         seconds["overlay"] = time.perf_counter() - t0
     emb = None if result.embeddings is None else np.asarray(result.embeddings, dtype=np.float64)
     return {"path": path, "name": result.image.name, "particles": particles, "embeddings": emb,
-            "overlay": overlay, "seconds": seconds}
+            "overlay": overlay, "seconds": seconds, "summary": result.summary()}
 
 
 def _default_jobs(settings: Any, n_images: int) -> int:
