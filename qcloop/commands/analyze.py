@@ -2,7 +2,10 @@
 
 Segments and measures every particle of every image; writes ``particles.csv``, ``images.csv``
 (and ``failed.csv`` when some file could not be read) and, with ``--overlays``,
-``overlays/<image>.png``. A bad file is reported and skipped; exit code 1 if any failed.
+``overlays/<image>.png``; ``--export roi`` / ``--export coco`` add ImageJ ROI sets
+(``rois/<image>.zip``) / ``coco.json`` with RLE masks (see :mod:`qcloop.exports`).
+``--pixel-size-nm NM`` gives the pixel size of images whose file has none (else their sizes are
+in px, with a warning on stderr). A bad file is reported and skipped; exit code 1 if any failed.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from qcloop.commands._options import add_pixel_size_option, apply_pixel_size, pixel_size_warning
 from qcloop.config import load_settings
 from qcloop.errors import InputImageError, QcloopError
+from qcloop.exports import EXPORT_FORMATS
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 
@@ -28,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
     p.add_argument("--overlays", action="store_true", help="write overlays/<image>.png")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    add_pixel_size_option(p)
+    p.add_argument("--export", action="append", default=[], choices=EXPORT_FORMATS, metavar="|".join(EXPORT_FORMATS),
+                   help="also write rois/<image>.zip (ImageJ ROI sets) or coco.json (RLE masks); repeatable")
     p.set_defaults(func=run)
 
 
@@ -46,9 +54,11 @@ def collect_images(paths: list[Path], recursive: bool = False) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qcloop.exports import Exports
     from qcloop.pipeline import Pipeline
 
     settings = load_settings(args.config)
+    apply_pixel_size(settings, args)
     images = collect_images(args.paths, args.recursive)
     if not images:
         raise QcloopError("no images found in " + ", ".join(str(p) for p in args.paths))
@@ -59,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         (out / "overlays").mkdir(exist_ok=True)
 
     tables, summaries, failures = [], [], []
+    exports = Exports(out, args.export)
     for path in tqdm(images, desc="analyze", unit="img", file=sys.stderr, disable=None):
         try:
             result = pipeline.analyze(path)
@@ -68,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         tables.append(result.particles)
         summaries.append(result.summary())
+        exports.add(result)
         if args.overlays:
             from qcloop.overlay import draw_overlay
 
@@ -80,12 +92,14 @@ def run(args: argparse.Namespace) -> int:
     summary.to_csv(out / "images.csv", index=False)
     if failures:
         pd.DataFrame(failures).to_csv(out / "failed.csv", index=False)
+    written = exports.finish()
 
     print(format_summary(summary))
-    if (summary.get("pixel_size_source") == "none").any() if len(summary) else False:
-        print("note: some images carry no pixel size (source 'none'): their sizes are in pixels "
-              "(the *_px columns); set imaging.pixel_size_nm in the config to convert.")
+    warning = pixel_size_warning([r["image"] for r in summaries if r["pixel_size_nm"] is None], len(summaries))
+    if warning:
+        print(f"qcloop: warning: {warning}", file=sys.stderr)
     print(f"wrote {out / 'particles.csv'} ({len(particles)} particles), {out / 'images.csv'}"
+          + (f", {len(written)} export file(s)" if written else "")
           + (f", {len(failures)} failed (see {out / 'failed.csv'})" if failures else ""))
     return 1 if failures else 0
 

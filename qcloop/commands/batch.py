@@ -8,7 +8,13 @@ the batch QC metrics and checks them against the targets. Writes
 * ``DIR/batch.json``: all metrics (nested and flat), their 95 % uncertainties, the targets and
   the verdict;
 * ``DIR/report.html``: self-contained report (overlays coloured by class, PCA of the
-  embeddings, size histograms, checks and class tables).
+  embeddings, size histograms, checks and class tables with ECD and lobe diameters); each
+  overlay thumbnail links to
+* ``DIR/overlays/<image>.png``: the full-size overlay (the first ``--max-overlays`` images).
+
+Images whose file carries no pixel size are measured in px unless ``--pixel-size-nm NM`` (or
+``imaging.pixel_size_nm``) gives one; batch.json (``warnings``, ``images_without_pixel_size``),
+the report and stderr then say so.
 
 Targets come from ``--targets FILE`` (YAML: ``{metric: {min/max/target/tolerance}}``, optionally
 under a top-level ``targets:`` key) or else from the configuration's ``targets:`` section.
@@ -34,9 +40,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from qcloop.commands._options import add_pixel_size_option, apply_pixel_size, pixel_size_warning
 from qcloop.errors import InputImageError, QcloopError
 
 SCHEMA = "qcloop.batch/1"
+OVERLAY_FOLDER = "overlays"
 EXIT_VERDICT_FAILED = 3
 
 
@@ -57,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                    help="images analysed in parallel processes (default: one per CPU core, at most 8, "
                         "for the classical segmenter and morphology embedder; 1 with SAM or DINOv2)")
+    add_pixel_size_option(p)
     p.add_argument("--fail-on-verdict", action="store_true",
                    help=f"exit {EXIT_VERDICT_FAILED} when a QC check fails")
     p.set_defaults(func=run)
@@ -72,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     settings = load_settings(args.config)
+    apply_pixel_size(settings, args)
     if args.model is not None:
         if not args.model.is_file():
             raise QcloopError(f"model file not found: {args.model}")
@@ -99,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
 
     tables: list[pd.DataFrame] = []
     embeddings: list[np.ndarray] = []
-    overlays: list[tuple[str, bytes]] = []
+    overlays: list[tuple[str, bytes, str]] = []
+    no_pixel_size: list[str] = []
     failures: list[dict[str, str]] = []
     analysed: list[str] = []
     stage_seconds: dict[str, float] = {}
-    work = [(path, i < args.max_overlays) for i, path in enumerate(images)]
+    if args.max_overlays:
+        (out / OVERLAY_FOLDER).mkdir(exist_ok=True)
+    work = [(path, out / OVERLAY_FOLDER if i < args.max_overlays else None) for i, path in enumerate(images)]
     progress = dict(desc="batch", unit="img", file=sys.stderr, disable=None, total=len(work))
     if jobs == 1:
         global _PIPELINE
@@ -128,10 +141,12 @@ def run(args: argparse.Namespace) -> int:
                 stage_seconds[k] = stage_seconds.get(k, 0.0) + v
             tables.append(r["particles"])
             analysed.append(r["name"])
+            if r["pixel_size_nm"] is None:
+                no_pixel_size.append(r["name"])
             if r["embeddings"] is not None:
                 embeddings.append(r["embeddings"])
             if r["overlay"] is not None:
-                overlays.append((r["name"], r["overlay"]))
+                overlays.append((r["name"], r["overlay"], f"{OVERLAY_FOLDER}/{r['overlay_file']}"))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -142,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = batch_metrics(particles, emb, n_images=len(analysed))
     flat, unc = metrics.flat(), metrics.uncertainty()
     verdict = evaluate_targets(flat, targets, unc)
+    warnings = [w for w in (pixel_size_warning(no_pixel_size, len(analysed)),) if w]
+    for w in warnings:
+        tqdm.write(f"qcloop: warning: {w}", file=sys.stderr)
 
     particles.to_csv(out / "particles.csv", index=False)
     model = str(settings.pipeline.classifier) if settings.pipeline.classifier else None
@@ -154,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         "embedder": getattr(pipeline.embedder, "spec", None),
         "images": analysed,
         "failed": failures,
+        "warnings": warnings,
+        "images_without_pixel_size": no_pixel_size,
         "metrics": metrics.to_dict(),
         "flat": {k: _num(v) for k, v in flat.items()},
         "uncertainty": {k: _num(v) for k, v in unc.items()},
@@ -168,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                  meta={"model": Path(model).name if model else "none (one class)",
                        "segmenter": settings.pipeline.segmenter,
                        "embedder": settings.pipeline.embedder},
-                 uncertainty=unc)
+                 uncertainty=unc, warnings=warnings)
     doc["seconds"]["report"] = round(time.perf_counter() - t0, 4)
     doc["seconds"]["total"] = round(time.perf_counter() - t_start, 4)
     (out / "batch.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -194,15 +214,17 @@ def _init_worker(settings: Any) -> None:
     _PIPELINE = Pipeline.from_settings(settings, embed=True)
 
 
-def _analyse_one(job: tuple[Path, bool]) -> dict[str, Any]:
+def _analyse_one(job: tuple[Path, Path | None]) -> dict[str, Any]:
     """Analyse one image with this process's pipeline; plain picklable results.
 
-    Returns ``{"path", "error"}`` for a bad image (InputImageError), else ``{"path", "name",
-    "particles", "embeddings", "overlay" (PNG bytes or None), "seconds"}``.
+    ``job`` is (image, overlay folder or None). With a folder, the full-size overlay is written
+    there as ``<image>.png`` and a report thumbnail comes back. Returns ``{"path", "error"}``
+    for a bad image (InputImageError), else ``{"path", "name", "pixel_size_nm", "particles",
+    "embeddings", "overlay" (JPEG thumbnail bytes or None), "overlay_file", "seconds"}``.
     """
-    from qcloop.report import image_png
+    from qcloop.report import thumbnail_jpeg
 
-    path, want_overlay = job
+    path, overlay_dir = job
     try:
         result = _PIPELINE.analyze(path)
     except InputImageError as exc:
@@ -211,16 +233,20 @@ def _analyse_one(job: tuple[Path, bool]) -> dict[str, Any]:
     particles = result.particles
     if "class" not in particles.columns:
         particles = particles.assign(**{"class": "particle", "class_probability": np.nan})
-    overlay = None
-    if want_overlay:
+    overlay = overlay_file = None
+    if overlay_dir is not None:
         from qcloop.overlay import draw_overlay
 
         t0 = time.perf_counter()
-        overlay = image_png(draw_overlay(result.image, result.masks, particles, color_by="class"))
+        overlay_file = f"{result.image.name}.png"
+        rgb = draw_overlay(result.image, result.masks, particles, color_by="class",
+                           path=overlay_dir / overlay_file)
+        overlay = thumbnail_jpeg(rgb)
         seconds["overlay"] = time.perf_counter() - t0
     emb = None if result.embeddings is None else np.asarray(result.embeddings, dtype=np.float64)
-    return {"path": path, "name": result.image.name, "particles": particles, "embeddings": emb,
-            "overlay": overlay, "seconds": seconds}
+    return {"path": path, "name": result.image.name, "pixel_size_nm": result.image.pixel_size_nm,
+            "particles": particles, "embeddings": emb, "overlay": overlay,
+            "overlay_file": overlay_file, "seconds": seconds}
 
 
 def _default_jobs(settings: Any, n_images: int) -> int:
