@@ -80,6 +80,12 @@ def check_export(out: Path, image: Path) -> int:
         rows, cols = np.nonzero(truth)
         assert (x, y, x + w, y + h) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
         assert cats[a["category_id"]] == "particle" and a["iscrowd"] == 0
+
+    # images.csv: area fraction = particle pixels / analysed pixels (banner excluded)
+    row = pd.read_csv(out / "images.csv").set_index("image").loc[image.stem]
+    assert row["area_fraction"] == pytest.approx(np.count_nonzero(labels) / labels.size)
+    assert row["area_fraction"] == pytest.approx(result.particles["area_px"].sum() / labels.size)
+    assert 0.02 < row["area_fraction"] < 0.8
     return len(ids)
 
 
