@@ -52,6 +52,19 @@ with a known pixel size; it is NaN when no image of the batch has one. ``ecd_px.
 statistics in pixels, all particles) is always reported as well -- meaningful when all images
 share one magnification.
 
+Lobe diameters (``lobe_diameter_nm.*``, ``lobe_diameter_nm.<cls>.*``, and ``lobe_diameter_px``)
+are the same statistics of the particle table's ``lobe_diameter_<unit>`` column: per particle,
+the mean major axis of its lobes for a fused particle (dumbbell, trimer), the ECD for a one-lobe
+particle -- so for a dumbbell class ``lobe_diameter_nm.dumbbell.mean`` is the headline "lobe size"
+while ``ecd_nm.dumbbell.mean`` is the diameter of a disc of the whole particle's area. The
+statistics are number-weighted over particles (one value per particle, not per lobe).
+
+Names
+-----
+Every name :meth:`BatchMetrics.flat` produces belongs to one :class:`MetricFamily` of
+:data:`METRIC_FAMILIES`; the target names (:mod:`qcloop.targets`) and the Prometheus labels
+(``qcloop_batch_metric{metric, class}``) are derived from that one table.
+
 Orientation
 -----------
 Orientation is axial (180 deg periodic): statistics use doubled angles. Only classes whose median
@@ -66,8 +79,9 @@ particle table's ``orientation_deg``),
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -79,6 +93,9 @@ SIZE_STATS = ("mean", "sd", "cv", "d10", "d50", "d90")
 SEPARATION_METRICS = ("inter_class_variance", "intra_class_variance", "total_variance", "silhouette")
 ORIENTATION_STATS = ("mean", "mean_resultant_length", "circular_sd")
 SIZE_UNITS = ("nm", "px")
+#: particle-table columns ``<quantity>_<unit>`` that get size statistics (SIZE_STATS)
+SIZE_QUANTITIES = ("ecd", "lobe_diameter")
+COUNT_METRICS = ("n_particles", "n_images", "n_border")
 CONFIDENCE = 0.95
 
 _NAN = float("nan")
@@ -232,6 +249,7 @@ class BatchMetrics:
         Classes present among the interior particles, sorted.
     class_count : mapping of str to int
     size : mapping of unit (``"nm"``, ``"px"``) to {``"all"``: SizeStats, ``"by_class"``: {cls: SizeStats}}
+        Equivalent circular diameter.
     separation, pca : Separation
         In the standardised embedding space and in its 2-D PCA plane.
     pca_explained_variance_ratio : tuple of float
@@ -241,6 +259,8 @@ class BatchMetrics:
     standardisation : str
         ``"batch"`` (z-score fitted on this batch), ``"reference"`` (given scaler) or ``"none"``
         (no embeddings).
+    lobe_diameter : mapping like ``size``
+        Statistics of the particles' ``lobe_diameter_<unit>`` column (see module docstring).
     """
 
     n_images: int
@@ -254,6 +274,7 @@ class BatchMetrics:
     pca_explained_variance_ratio: tuple[float, float]
     orientation: Mapping[str, OrientationStats]
     standardisation: str
+    lobe_diameter: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     # ---- derived
     @property
@@ -268,57 +289,47 @@ class BatchMetrics:
         Returns
         -------
         dict of str to float
-            ``n_particles``, ``n_images``, ``n_border``, ``class_count.<cls>``,
-            ``class_fraction.<cls>``, ``ecd_<unit>.<stat>``, ``ecd_<unit>.<cls>.<stat>`` for
-            unit nm and px, ``inter_class_variance``, ``intra_class_variance``,
-            ``total_variance``, ``silhouette``, ``pca.<same four>``,
-            ``orientation_deg.<cls>.<stat>``. Undefined values are NaN, never missing.
+            One entry per name of every family in :data:`METRIC_FAMILIES` (see
+            :func:`metric_name_forms`): ``n_particles``, ``class_fraction.<cls>``,
+            ``ecd_nm.d50``, ``ecd_nm.<cls>.mean``, ``lobe_diameter_nm.<cls>.sd``,
+            ``silhouette``, ``pca.silhouette``, ``orientation_deg.<cls>.mean``, ...
+            Undefined values are NaN, never missing.
         """
-        out: dict[str, float] = {
-            "n_particles": float(self.n_particles),
-            "n_images": float(self.n_images),
-            "n_border": float(self.n_border),
-        }
-        for c, k in self.class_count.items():
-            out[f"class_count.{c}"] = float(k)
-        for c, f in self.class_fraction.items():
-            out[f"class_fraction.{c}"] = float(f)
-        for unit in SIZE_UNITS:
-            block = self.size[unit]
-            for stat, v in block["all"].values().items():
-                out[f"ecd_{unit}.{stat}"] = v
-            for c, s in block["by_class"].items():
-                for stat, v in s.values().items():
-                    out[f"ecd_{unit}.{c}.{stat}"] = v
-        out.update(self.separation.values())
-        out.update({f"pca.{k}": v for k, v in self.pca.values().items()})
-        for c, o in self.orientation.items():
-            for stat, v in o.values().items():
-                out[f"orientation_deg.{c}.{stat}"] = v
-        return out
+        return {fam.name(cls, stat): float(v)
+                for fam in METRIC_FAMILIES for cls, stat, v in fam.values(self)}
 
     def uncertainty(self) -> dict[str, float]:
         """Half-width of the 95 % confidence interval of each metric where one is meaningful.
 
-        Size statistics: see :class:`SizeStats`. Class fractions: half the width of the Wilson
-        score interval with ``n_particles`` trials. Counts, separation and orientation metrics
-        have none. ``inf`` means the data are too few to bound the metric.
+        Size statistics (ECD, lobe diameter): see :class:`SizeStats`. Class fractions: half the
+        width of the Wilson score interval with ``n_particles`` trials. Counts, separation and
+        orientation metrics have none. ``inf`` means the data are too few to bound the metric.
         """
         out: dict[str, float] = {}
         n = self.n_particles
         for c, k in self.class_count.items():
             out[f"class_fraction.{c}"] = wilson_halfwidth(k, n)
-        for unit in SIZE_UNITS:
-            block = self.size[unit]
-            for stat, v in block["all"].halfwidth.items():
-                out[f"ecd_{unit}.{stat}"] = float(v)
-            for c, s in block["by_class"].items():
-                for stat, v in s.halfwidth.items():
-                    out[f"ecd_{unit}.{c}.{stat}"] = float(v)
+        for quantity, unit, block in self.size_blocks():
+            base = f"{quantity}_{unit}"
+            out.update({f"{base}.{stat}": float(v) for stat, v in block["all"].halfwidth.items()})
+            for c, st in block["by_class"].items():
+                out.update({f"{base}.{c}.{stat}": float(v) for stat, v in st.halfwidth.items()})
         return out
+
+    def size_blocks(self) -> list[tuple[str, str, Mapping[str, Any]]]:
+        """``(quantity, unit, {"all": SizeStats, "by_class": {cls: SizeStats}})`` for every
+        quantity of :data:`SIZE_QUANTITIES` and unit of :data:`SIZE_UNITS`."""
+        per_quantity = {"ecd": self.size, "lobe_diameter": self.lobe_diameter}
+        return [(q, u, per_quantity[q][u]) for q in SIZE_QUANTITIES for u in SIZE_UNITS
+                if u in per_quantity[q]]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict (plain int/float/str/list/dict; NaN and inf become None)."""
+        sizes: dict[str, dict[str, Any]] = {}  # {"ecd": {"nm": {"all": ..., "by_class": ...}}, ...}
+        for q, u, block in self.size_blocks():
+            sizes.setdefault(q, {})[u] = {
+                "all": block["all"].to_dict(),
+                "by_class": {c: st.to_dict() for c, st in block["by_class"].items()}}
         return {
             "n_images": self.n_images,
             "n_particles": self.n_particles,
@@ -326,18 +337,106 @@ class BatchMetrics:
             "classes": list(self.classes),
             "class_count": {c: int(k) for c, k in self.class_count.items()},
             "class_fraction": {c: _jsonable(f) for c, f in self.class_fraction.items()},
-            "ecd": {
-                unit: {
-                    "all": self.size[unit]["all"].to_dict(),
-                    "by_class": {c: s.to_dict() for c, s in self.size[unit]["by_class"].items()},
-                }
-                for unit in SIZE_UNITS
-            },
+            **sizes,
             "separation": {**self.separation.to_dict(), "standardisation": self.standardisation},
             "pca": {**self.pca.to_dict(),
                     "explained_variance_ratio": [_jsonable(v) for v in self.pca_explained_variance_ratio]},
             "orientation_deg": {c: o.to_dict() for c, o in self.orientation.items()},
         }
+
+
+
+# --------------------------------------------------------------------------- metric names
+_Values = Callable[[BatchMetrics], Iterable[tuple[str | None, str | None, float]]]
+
+
+@dataclass(frozen=True)
+class MetricFamily:
+    """One family of batch-metric names: the single declaration behind
+    :meth:`BatchMetrics.flat`, the target names (:mod:`qcloop.targets`) and the Prometheus
+    labels (:func:`qcloop.daemon.metrics.split_metric_name`).
+
+    A name is the dot-join of its non-empty parts ``base``, ``<class>`` (when ``per_class``)
+    and ``<stat>`` (one of ``stats``, when there are any): ``ecd_nm.cube.mean``,
+    ``class_fraction.cube``, ``pca.silhouette``, ``silhouette`` (empty base).
+
+    Attributes
+    ----------
+    base : str
+    per_class : bool
+    stats : tuple of str
+    values : callable
+        ``values(metrics)`` yields ``(class or None, stat or None, value)``.
+    """
+
+    base: str
+    per_class: bool
+    stats: tuple[str, ...]
+    values: _Values
+
+    def name(self, cls: str | None, stat: str | None) -> str:
+        return ".".join(p for p in (self.base, cls, stat) if p)
+
+    @property
+    def pattern(self) -> "re.Pattern[str]":
+        parts = [re.escape(self.base)] if self.base else []
+        if self.per_class:
+            parts.append(r"(?P<cls>[^.\s]+)")
+        if self.stats:
+            parts.append("(?P<stat>" + "|".join(re.escape(st) for st in self.stats) + ")")
+        return re.compile(r"\.".join(parts))
+
+    def forms(self) -> list[str]:
+        """Human-readable forms: ``ecd_nm.<class>.{mean,sd,...}``; fixed names one by one."""
+        if not self.per_class and not self.base:
+            return list(self.stats)
+        stats = [("{" + ",".join(self.stats) + "}")] if self.stats else []
+        return [".".join([self.base] + (["<class>"] if self.per_class else []) + stats)]
+
+
+def _size_values(quantity: str, unit: str, per_class: bool) -> _Values:
+    def values(m: BatchMetrics):
+        block = dict((u, b) for q, u, b in m.size_blocks() if q == quantity).get(unit)
+        if block is None:
+            return
+        sets = block["by_class"].items() if per_class else [(None, block["all"])]
+        for cls, st in sets:
+            for stat, v in st.values().items():
+                yield cls, stat, v
+    return values
+
+
+METRIC_FAMILIES: tuple[MetricFamily, ...] = (
+    MetricFamily("", False, COUNT_METRICS,
+                 lambda m: ((None, k, float(getattr(m, k))) for k in COUNT_METRICS)),
+    MetricFamily("class_count", True, (),
+                 lambda m: ((c, None, float(k)) for c, k in m.class_count.items())),
+    MetricFamily("class_fraction", True, (),
+                 lambda m: ((c, None, float(f)) for c, f in m.class_fraction.items())),
+    *(MetricFamily(f"{q}_{u}", per_class, SIZE_STATS, _size_values(q, u, per_class))
+      for q in SIZE_QUANTITIES for u in SIZE_UNITS for per_class in (False, True)),
+    MetricFamily("", False, SEPARATION_METRICS,
+                 lambda m: ((None, k, v) for k, v in m.separation.values().items())),
+    MetricFamily("pca", False, SEPARATION_METRICS,
+                 lambda m: ((None, k, v) for k, v in m.pca.values().items())),
+    MetricFamily("orientation_deg", True, ORIENTATION_STATS,
+                 lambda m: ((c, k, v) for c, o in m.orientation.items() for k, v in o.values().items())),
+)
+
+
+def parse_metric_name(name: str) -> tuple[MetricFamily, str | None, str | None] | None:
+    """``(family, class, stat)`` of a batch-metric name, None when no family has it."""
+    for fam in METRIC_FAMILIES:
+        hit = fam.pattern.fullmatch(name)
+        if hit:
+            d = hit.groupdict()
+            return fam, d.get("cls"), d.get("stat")
+    return None
+
+
+def metric_name_forms() -> list[str]:
+    """Every accepted metric-name form, for error messages and docs."""
+    return [form for fam in METRIC_FAMILIES for form in fam.forms()]
 
 
 def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -568,13 +667,14 @@ def batch_metrics(particles: pd.DataFrame, embeddings: np.ndarray | None, *,
             return np.full(len(p), np.nan)
         return pd.to_numeric(p[name], errors="coerce").to_numpy(dtype=np.float64)
 
-    size: dict[str, dict[str, Any]] = {}
-    for unit in SIZE_UNITS:
-        d = col(f"ecd_{unit}")[inner]
-        size[unit] = {
-            "all": SizeStats.of(d),
-            "by_class": {c: SizeStats.of(d[lab_in == c]) for c in classes},
-        }
+    size: dict[str, dict[str, dict[str, Any]]] = {q: {} for q in SIZE_QUANTITIES}
+    for q in SIZE_QUANTITIES:
+        for unit in SIZE_UNITS:
+            d = col(f"{q}_{unit}")[inner]
+            size[q][unit] = {
+                "all": SizeStats.of(d),
+                "by_class": {c: SizeStats.of(d[lab_in == c]) for c in classes},
+            }
 
     view = embedding_view(p, embeddings, class_column=class_column, scaler=scaler)
     if view is None:
@@ -605,7 +705,8 @@ def batch_metrics(particles: pd.DataFrame, embeddings: np.ndarray | None, *,
         n_border=int((~inner).sum()),
         classes=classes,
         class_count=class_count,
-        size=size,
+        size=size["ecd"],
+        lobe_diameter=size["lobe_diameter"],
         separation=sep,
         pca=pca_sep,
         pca_explained_variance_ratio=evr,

@@ -21,7 +21,7 @@ COMMAND_MODULES = (
     "qcloop.commands.run", "qcloop.commands.check_config",
     "qcloop.commands.synth", "qcloop.commands.crops", "qcloop.commands.train",
     "qcloop.commands.models", "qcloop.commands.embed",
-    "qcloop.commands.demo",
+    "qcloop.commands.demo", "qcloop.commands.files",
 )
 
 

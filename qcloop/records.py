@@ -160,8 +160,15 @@ class ImageResult:
     def seconds(self) -> float:
         return float(sum(self.stage_seconds.values()))
 
+    @property
+    def area_fraction(self) -> float:
+        """Particle area / analysed area: the share of the analysed region's pixels (banner
+        excluded) covered by a particle, particles cut by the border included."""
+        labels = np.asarray(self.masks.labels)
+        return float(np.count_nonzero(labels) / labels.size) if labels.size else float("nan")
+
     def summary(self) -> dict[str, object]:
-        """One row of ``images.csv``."""
+        """One row of ``images.csv`` (``area_fraction``: see :attr:`area_fraction`)."""
         p = self.particles
         inner = p[~p["touches_border"]] if len(p) else p
         ecd = inner["ecd_nm"] if len(inner) else pd.Series(dtype=float)
@@ -175,5 +182,6 @@ class ImageResult:
             "n_particles": int(len(p)),
             "ecd_nm_mean": float(ecd.mean()) if len(ecd) else float("nan"),
             "ecd_nm_sd": float(ecd.std(ddof=1)) if len(ecd) > 1 else float("nan"),
+            "area_fraction": self.area_fraction,
             "seconds": round(self.seconds, 4),
         }

@@ -1,6 +1,8 @@
 """Self-contained HTML batch report: verdict, tables and figures a chemist reads.
 
-One HTML file, no external resources: every picture is a PNG embedded as base64. Contents:
+One HTML file: every picture is embedded as base64 (PNG figures, JPEG overlay thumbnails); the
+only references are the links from the thumbnails to the full-size overlays written beside it
+(``overlays/<image>.png`` from ``qcloop batch``). Contents:
 
 * verdict banner (pass / fail, and whether every check is statistically confident);
 * the checks table (observed ± 95 % half-width, limits, pass/fail coloured);
@@ -9,7 +11,10 @@ One HTML file, no external resources: every picture is a PNG embedded as base64.
 * PCA scatter of the embeddings coloured by class;
 * ECD histograms per class;
 * orientation table for elongated classes;
-* overlays of the images coloured by class (made by :func:`qcloop.overlay.draw_overlay`);
+* lobe diameters per class (the dumbbell / trimer lobe size);
+* overlays of the images coloured by class (made by :func:`qcloop.overlay.draw_overlay`):
+  thumbnails, each linking to its full-size overlay file when one is given;
+* warnings (e.g. images without a pixel size, measured in px) at the top;
 * images that failed, with the reason.
 
 Figures are drawn with matplotlib's object-oriented API (:class:`matplotlib.figure.Figure`,
@@ -46,6 +51,10 @@ _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
             "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31")
 UNKNOWN_COLOR = "#aaaaaa"
 OVERLAY_MAX_SIDE_PX = 1024
+#: long side of the overlay thumbnails embedded in the report (JPEG; each links to the full-size
+#: overlay file when the caller gives one): shown two per row at >= 600 CSS px, sharp on zoom
+THUMBNAIL_MAX_SIDE_PX = 1280
+THUMBNAIL_JPEG_QUALITY = 85
 
 
 def class_colors(classes: Iterable[str]) -> dict[str, str]:
@@ -185,6 +194,19 @@ def image_png(rgb: np.ndarray, max_side_px: int = OVERLAY_MAX_SIDE_PX, colors: i
     return buf.getvalue()
 
 
+def thumbnail_jpeg(rgb: np.ndarray, max_side_px: int = THUMBNAIL_MAX_SIDE_PX,
+                   quality: int = THUMBNAIL_JPEG_QUALITY) -> bytes:
+    """An RGB (H, W, 3) or grey uint8 array as a JPEG thumbnail of at most ``max_side_px``."""
+    from PIL import Image
+
+    im = Image.fromarray(np.clip(np.asarray(rgb), 0, 255).astype(np.uint8))
+    if max(im.size) > max_side_px:
+        im.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- HTML
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1280px}
@@ -198,8 +220,9 @@ th,td{border:1px solid #ddd;padding:4px 10px;text-align:right} th{background:#f4
 td.l,th.l{text-align:left}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:middle}
 .figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.ov{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:12px}
-.ov figure{margin:0} .ov img{width:100%;border:1px solid #ccc} figcaption{font-size:12px;color:#555}
+.ov{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:12px}
+.ov figure{margin:0} .ov img{width:100%;border:1px solid #ccc} figcaption{font-size:13px;color:#555}
+.warnbox{background:#fff4ce;color:#6b4f00;padding:8px 12px;border-radius:6px;margin:6px 0}
 """
 
 
@@ -208,7 +231,7 @@ def render_report(metrics: BatchMetrics, verdict: Verdict | None, *, particles: 
                   overlays: Sequence[tuple[str, bytes | np.ndarray]] = (),
                   failures: Sequence[Mapping[str, str]] = (), title: str = "Batch report",
                   meta: Mapping[str, Any] | None = None, uncertainty: Mapping[str, float] | None = None,
-                  scaler: Any = None) -> str:
+                  scaler: Any = None, warnings: Sequence[str] = ()) -> str:
     """Build the report as one HTML string.
 
     Parameters
@@ -219,7 +242,10 @@ def render_report(metrics: BatchMetrics, verdict: Verdict | None, *, particles: 
     particles : DataFrame
         The batch's particle table (the one ``metrics`` was computed from).
     embeddings : ndarray, shape (len(particles), d), or None
-    overlays : sequence of (caption, PNG bytes or RGB uint8 array (H, W, 3))
+    overlays : sequence of (caption, image) or (caption, image, href)
+        ``image``: PNG/JPEG bytes or an RGB uint8 array (H, W, 3), shown as a thumbnail of
+        :data:`THUMBNAIL_MAX_SIDE_PX`; ``href``: the full-size overlay the thumbnail links to
+        (relative to the report).
     failures : sequence of {"path": ..., "reason": ...}
     meta : mapping, optional
         Extra key/value lines for the header (model, config, timings).
@@ -227,6 +253,8 @@ def render_report(metrics: BatchMetrics, verdict: Verdict | None, *, particles: 
         Defaults to ``metrics.uncertainty()``.
     scaler : optional
         The standardisation used for ``metrics`` (see :func:`qcloop.batch.standardise`).
+    warnings : sequence of str
+        Shown in a yellow box under the title (e.g. "no image carries a pixel size ...").
     """
     unc = dict(metrics.uncertainty() if uncertainty is None else uncertainty)
     colors = class_colors(metrics.classes)
@@ -244,6 +272,8 @@ def render_report(metrics: BatchMetrics, verdict: Verdict | None, *, particles: 
                   "cut by border (excluded)": metrics.n_border, **(meta or {})}
     add("<div class='meta'>" + " &middot; ".join(f"{_e(k)}: <b>{_e(v)}</b>" for k, v in meta_items.items())
         + "</div>")
+    for w in warnings:
+        add(f"<div class='warnbox'>&#9888; {_e(w)}</div>")
 
     # verdict
     if verdict is None or not verdict.checks:
@@ -297,6 +327,7 @@ def render_report(metrics: BatchMetrics, verdict: Verdict | None, *, particles: 
         f"<th>{_f(s.d10)}</th><th>{_f(s.d50)}</th><th>{_f(s.d90)}</th></tr></table>")
     if unit == "px":
         add("<p class='warn'>No pixel size known for these images: sizes are in pixels.</p>")
+    add(_lobe_table(metrics, unit, colors))
 
     # separation
     add("<h2>Class separation in embedding space</h2>")
@@ -326,12 +357,7 @@ def render_report(metrics: BatchMetrics, verdict: Verdict | None, *, particles: 
         add("</table>")
 
     if overlays:
-        add("<h2>Images</h2><p class='meta'>Outlines coloured by class (legend in each image); "
-            "dashed outlines: particles cut by the border, not counted.</p><div class='ov'>")
-        for caption, img in overlays:
-            png = img if isinstance(img, (bytes, bytearray)) else image_png(img)
-            add(f"<figure>{_img(bytes(png), caption)}<figcaption>{_e(caption)}</figcaption></figure>")
-        add("</div>")
+        add(_overlay_section(overlays))
 
     if failures:
         add("<h2>Images that could not be analysed</h2><table><tr><th class='l'>file</th><th class='l'>reason</th></tr>")
@@ -342,6 +368,41 @@ def render_report(metrics: BatchMetrics, verdict: Verdict | None, *, particles: 
     return "\n".join(parts)
 
 
+
+def _lobe_table(metrics: BatchMetrics, unit: str, colors: Mapping[str, str]) -> str:
+    """Lobe diameter per class (mean lobe major axis per particle; the ECD of one-lobe ones)."""
+    block = metrics.lobe_diameter.get(unit)
+    if not block or block["all"].n == 0:
+        return ""
+    rows = ["<h2>Lobe diameters</h2><table><tr><th class='l'>class</th><th>particles</th>"
+            f"<th>lobe diameter mean ({unit})</th><th>± 95 %</th><th>sd</th><th>d50</th>"
+            f"<th>ECD mean ({unit})</th></tr>"]
+    for c in metrics.classes:
+        s, e = block["by_class"][c], metrics.size[unit]["by_class"][c]
+        rows.append(f"<tr><td class='l'><span class='swatch' style='background:{colors.get(c, UNKNOWN_COLOR)}'>"
+                    f"</span>{_e(c)}</td><td>{s.n}</td><td>{_f(s.mean)}</td><td>{_f(s.halfwidth.get('mean'))}</td>"
+                    f"<td>{_f(s.sd)}</td><td>{_f(s.d50)}</td><td>{_f(e.mean)}</td></tr>")
+    rows.append("</table><p class='meta'>Per particle: the mean major axis of its lobes for fused "
+                "particles (dumbbells, trimers), the ECD for one-lobe particles. Targets: "
+                f"<code>lobe_diameter_{unit}.&lt;class&gt;.mean</code>, <code>.sd</code>, "
+                "<code>.d50</code>.</p>")
+    return "".join(rows)
+
+
+def _overlay_section(overlays: Sequence[tuple]) -> str:
+    """The thumbnails grid; a thumbnail with an href links to its full-size overlay."""
+    parts = ["<h2>Images</h2><p class='meta'>Outlines coloured by class (legend in each image); "
+             "dashed outlines: particles cut by the border, not counted. Click an image for the "
+             "full-size overlay.</p><div class='ov'>"]
+    for caption, img, *href in overlays:
+        data = bytes(img) if isinstance(img, (bytes, bytearray)) else thumbnail_jpeg(img)
+        tag = _img(data, caption)
+        if href and href[0]:
+            tag = f"<a href='{_e(href[0])}' target='_blank'>{tag}</a>"
+        parts.append(f"<figure>{tag}<figcaption>{_e(caption)}</figcaption></figure>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
 def write_report(path: str | Path, *args: Any, **kwargs: Any) -> Path:
     """:func:`render_report` and write it to ``path`` (UTF-8). Returns the path."""
     p = Path(path)
@@ -350,8 +411,9 @@ def write_report(path: str | Path, *args: Any, **kwargs: Any) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
-def _img(png: bytes, alt: str) -> str:
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
+def _img(data: bytes, alt: str) -> str:
+    mime = "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
+    return f"<img alt='{_e(alt)}' src='data:{mime};base64,{base64.b64encode(data).decode('ascii')}'>"
 
 
 def _e(v: Any) -> str:

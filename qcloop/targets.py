@@ -9,8 +9,9 @@ Targets come from the ``targets:`` section of the configuration (or a separate Y
       ecd_nm.cv: {max: 0.08}
       silhouette: {min: 0.5}
 
-Metric names are those of :meth:`qcloop.batch.BatchMetrics.flat`; :func:`validate_target_names`
-checks them at start (class names are free: ``class_fraction.<any class>``).
+Metric names are those of :meth:`qcloop.batch.BatchMetrics.flat`, declared once as
+:data:`qcloop.batch.METRIC_FAMILIES`; :func:`validate_target_names` checks them at start (class
+names are free: ``class_fraction.<any class>``, ``lobe_diameter_nm.<any class>.mean``).
 
 Missing values
 --------------
@@ -35,44 +36,26 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from pydantic import TypeAdapter, ValidationError
 
-from qcloop.batch import (ORIENTATION_STATS, SEPARATION_METRICS, SIZE_STATS, SIZE_UNITS,
+from qcloop.batch import (METRIC_FAMILIES, metric_name_forms, parse_metric_name,
                           wilson_halfwidth, wilson_interval)
 from qcloop.config import TargetSpec
 from qcloop.errors import ConfigError
 
-_CLS = r"[^.\s]+"
-_STATS = "|".join(SIZE_STATS)
-_UNITS = "|".join(SIZE_UNITS)
-_FIXED = {"n_particles", "n_images", "n_border", *SEPARATION_METRICS,
-          *(f"pca.{m}" for m in SEPARATION_METRICS)}
-_PATTERNS = (
-    re.compile(rf"class_fraction\.{_CLS}"),
-    re.compile(rf"class_count\.{_CLS}"),
-    re.compile(rf"ecd_(?:{_UNITS})\.(?:{_STATS})"),
-    re.compile(rf"ecd_(?:{_UNITS})\.{_CLS}\.(?:{_STATS})"),
-    re.compile(rf"orientation_deg\.{_CLS}\.(?:{'|'.join(ORIENTATION_STATS)})"),
-)
 #: human-readable list of the accepted names, for error messages and docs
-METRIC_NAME_FORMS = (
-    *sorted(_FIXED),
-    "class_fraction.<class>",
-    "class_count.<class>",
-    *(f"ecd_{u}.{{{','.join(SIZE_STATS)}}}" for u in SIZE_UNITS),
-    *(f"ecd_{u}.<class>.{{{','.join(SIZE_STATS)}}}" for u in SIZE_UNITS),
-    f"orientation_deg.<class>.{{{','.join(ORIENTATION_STATS)}}}",
-)
+METRIC_NAME_FORMS = tuple(metric_name_forms())
+_FIXED = frozenset(fam.name(None, st) for fam in METRIC_FAMILIES
+                   if not fam.per_class for st in fam.stats)
 
 
 def is_metric_name(name: str) -> bool:
     """True when ``name`` is a metric :meth:`BatchMetrics.flat` can produce."""
-    return name in _FIXED or any(p.fullmatch(name) for p in _PATTERNS)
+    return parse_metric_name(name) is not None
 
 
 def validate_target_names(targets: Mapping[str, Any]) -> None:
@@ -93,6 +76,7 @@ def validate_target_names(targets: Mapping[str, Any]) -> None:
         return
     examples = sorted(_FIXED) + ["class_fraction.cube", "class_count.cube", "ecd_nm.mean",
                                  "ecd_nm.cv", "ecd_nm.d50", "ecd_px.mean", "ecd_nm.cube.mean",
+                                 "lobe_diameter_nm.dumbbell.mean", "lobe_diameter_nm.dumbbell.sd",
                                  "orientation_deg.rod.mean_resultant_length"]
     lines = ["invalid configuration:"]
     for name in bad:
@@ -306,12 +290,12 @@ def _describe_limits(spec: TargetSpec) -> str:
 def _why_missing(name: str, flat: Mapping[str, float]) -> str:
     if not flat.get("n_particles"):
         return "no particles in the batch"
-    parts = name.split(".")
-    if parts[0] in ("ecd_nm", "ecd_px") and len(parts) == 3:
-        return f"no particles of class {parts[1]!r} in the batch"
-    if parts[0] == "orientation_deg":
-        return f"no orientation for class {parts[1]!r} (absent, or not elongated)"
-    return "not available for this batch"
+    fam, cls, _ = parse_metric_name(name) or (None, None, None)
+    if fam is None or cls is None:
+        return "not available for this batch"
+    if fam.base == "orientation_deg":
+        return f"no orientation for class {cls!r} (absent, or not elongated)"
+    return f"no particles of class {cls!r} in the batch"
 
 
 def _fmt(v: float | None) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from qcloop.cli import main
 from qcloop.synth import SynthSpec, generate_image, write_image
@@ -64,9 +66,19 @@ def test_batch_without_model_bad_file_and_targets(images, tmp_path, capsys):
     assert checks["ecd_nm.mean"]["passed"] and checks["class_fraction.particle"]["passed"]
     assert not checks["silhouette"]["passed"] and doc["verdict"]["passed"] is False
     assert doc["flat"]["silhouette"] is None  # NaN written as null
-    # the report embeds the two overlays, PCA and histograms, and lists the bad file
-    assert html.count("data:image/png;base64,") == 4
+    # the report embeds PCA and histograms (PNG) and two overlay thumbnails (JPEG), each linking
+    # to its full-size overlay file; it lists the bad file
+    assert html.count("data:image/png;base64,") == 2 and html.count("data:image/jpeg;base64,") == 2
+    links = re.findall(r"<a href='([^']+)'", html)
+    assert links == ["overlays/B7_01.png", "overlays/B7_02.png"]
+    for link in links:
+        assert Image.open(out / link).size == (SPEC.width_px, SPEC.height_px)  # full size
     assert "B7_bad.tif" in html and "FAIL" in html
+    assert doc["warnings"] == [] and doc["images_without_pixel_size"] == []  # Zeiss metadata
+    # lobe diameters are batch statistics (one-lobe cubes: the lobe diameter is the ECD)
+    assert doc["flat"]["lobe_diameter_nm.particle.mean"] == pytest.approx(doc["flat"]["ecd_nm.particle.mean"], rel=0.05)
+    assert doc["metrics"]["lobe_diameter"]["nm"]["by_class"]["particle"]["n"] == len(inner)
+    assert "<h2>Lobe diameters</h2>" in html
 
 
 def test_batch_config_targets_and_verdict_exit(images, tmp_path):
@@ -151,4 +163,57 @@ def test_parallel_jobs_give_the_same_result(images, tmp_path):
     pd.testing.assert_frame_equal(p1, p2)
     assert doc1["flat"] == doc2["flat"] and doc1["images"] == doc2["images"] == ["B7_01", "B7_02"]
     assert doc1["failed"] == doc2["failed"] and doc2["failed"][0]["image"] == "B7_zz_bad"
-    assert html1.count("data:image/png;base64,") == html2.count("data:image/png;base64,") == 3
+    assert html1.count("data:image/png;base64,") == html2.count("data:image/png;base64,") == 2
+    assert html1.count("data:image/jpeg;base64,") == html2.count("data:image/jpeg;base64,") == 1
+    assert (tmp_path / "j2" / "overlays" / "B7_01.png").is_file()  # written by the worker process
+
+
+@pytest.fixture(scope="module")
+def png_images(tmp_path_factory):
+    """The same synthetic images as PNG: no pixel size in the file."""
+    d = tmp_path_factory.mktemp("png")
+    for seed in (1, 2):
+        Image.fromarray(generate_image(SPEC, seed).pixels).save(d / f"B8_{seed:02d}.png")
+    return d
+
+
+def test_batch_without_pixel_size_warns_everywhere(png_images, tmp_path, capsys):
+    out = tmp_path / "px"
+    assert main(["batch", str(png_images), "--out", str(out), "--max-overlays", "1"]) == 0
+    err = capsys.readouterr().err
+    doc, particles, html = read_outputs(out)
+    assert doc["images_without_pixel_size"] == ["B8_01", "B8_02"]
+    (warning,) = doc["warnings"]
+    assert "no image carries a pixel size" in warning and "--pixel-size-nm" in warning
+    assert f"qcloop: warning: {warning}" in err
+    assert "class='warnbox'" in html and "no image carries a pixel size" in html
+    assert doc["flat"]["ecd_nm.mean"] is None and doc["flat"]["ecd_px.mean"] > 0
+
+
+def test_pixel_size_flag_gives_nm(png_images, tmp_path, capsys):
+    out = tmp_path / "nm"
+    assert main(["batch", str(png_images), "--out", str(out), "--max-overlays", "0",
+                 "--pixel-size-nm", str(SPEC.pixel_size_nm)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    doc, particles, _ = read_outputs(out)
+    assert doc["warnings"] == [] and doc["images_without_pixel_size"] == []
+    assert doc["flat"]["ecd_nm.mean"] == pytest.approx(50.0, rel=0.15)  # synthetic truth: 50 nm
+    assert doc["flat"]["ecd_nm.mean"] == pytest.approx(doc["flat"]["ecd_px.mean"] * SPEC.pixel_size_nm)
+    # analyze and crops take the flag too
+    a = tmp_path / "analyze"
+    assert main(["analyze", str(png_images), "--out", str(a)]) == 0
+    assert "qcloop: warning: no image carries a pixel size" in capsys.readouterr().err
+    assert main(["analyze", str(png_images), "--out", str(a), "--pixel-size-nm", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    images = pd.read_csv(a / "images.csv")
+    assert (images["pixel_size_nm"] == 2.0).all() and (images["pixel_size_source"] == "config").all()
+    c = tmp_path / "crops"
+    assert main(["crops", "export", str(png_images), "--out", str(c), "--pixel-size-nm", "2"]) == 0
+    assert json.loads((c / "crops.json").read_text())["settings"]["imaging"]["pixel_size_nm"] == 2.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "abc"])
+def test_pixel_size_flag_rejects_nonsense(png_images, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(png_images), "--out", str(tmp_path / "o"), "--pixel-size-nm", value])
+    assert exc.value.code == 2 and "--pixel-size-nm" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from qcloop.batch import batch_metrics, embedding_view
@@ -43,8 +44,11 @@ def batch(n=150, seed=0, classes=("cube", "triangle", "<rod&>")):
     return df, emb
 
 
-def images_in(html: str) -> list[bytes]:
-    return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)]
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def images_in(html: str, kind: str = "png") -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(rf"src='data:image/{kind};base64,([A-Za-z0-9+/=]+)'", html)]
 
 
 def test_report_is_self_contained_with_all_sections(tmp_path):
@@ -54,17 +58,18 @@ def test_report_is_self_contained_with_all_sections(tmp_path):
     v = evaluate_targets(m.flat(), targets, m.uncertainty())
     overlay = np.full((2000, 3000, 3), 90, np.uint8)
     path = write_report(tmp_path / "r.html", m, v, particles=df, embeddings=emb,
-                        overlays=[("img_a", overlay), ("img_b", image_png(overlay[:50, :80]))],
+                        overlays=[("img_a", overlay, "overlays/img_a.png"), ("img_b", image_png(overlay[:50, :80]))],
                         failures=[{"path": "bad.tif", "reason": "truncated file"}], title="Batch 7")
     html = path.read_text(encoding="utf-8")
-    # no external resource of any kind
-    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", html)
+    # every picture is embedded; the only reference is the thumbnail's link to its full overlay
+    assert not re.search(r"src\s*=\s*['\"](?!data:)", html)
+    assert re.findall(r"href\s*=\s*['\"]([^'\"]*)", html) == ["overlays/img_a.png"]
     pngs = images_in(html)
-    assert len(pngs) == 4  # PCA, histograms, two overlays
+    assert len(pngs) == 3  # PCA, histograms, the small overlay given as PNG
     for png in pngs:
         assert png.startswith(PNG_MAGIC)
-    sizes = [Image.open(io.BytesIO(p)).size for p in pngs]
-    assert (1024, 683) in sizes  # big overlay downscaled to 1024 px on its long side
+    (jpeg,) = images_in(html, "jpeg")  # the big overlay: a JPEG thumbnail, 1280 px on its long side
+    assert jpeg.startswith(JPEG_MAGIC) and Image.open(io.BytesIO(jpeg)).size == (1280, 853)
     for section in ("Checks", "Classes and sizes", "Class separation", "Images that could not be analysed"):
         assert section in html
     # the failed check is shown as such, the passing one as pass
@@ -112,3 +117,23 @@ def test_class_colors_distinct_and_unknown_grey():
     named = [v for k, v in cols.items() if k != "unknown"]
     assert len(set(named)) == len(named)
     assert cols["unknown"] == "#aaaaaa"
+
+
+def test_report_warnings_lobe_table_and_linked_thumbnails():
+    df, emb = batch()
+    df["lobe_diameter_nm"] = np.where(df["class"] == "cube", df["ecd_nm"] / np.sqrt(2), df["ecd_nm"])
+    m = batch_metrics(df, emb)
+    rgb = np.random.default_rng(1).integers(0, 255, (900, 1200, 3), dtype=np.uint8)
+    html = render_report(m, None, particles=df, embeddings=emb, overlays=[("a", rgb, "overlays/a&b.png")],
+                         warnings=["no image carries a pixel size (x): sizes are in px"])
+    assert "<div class='warnbox'>&#9888; no image carries a pixel size (x): sizes are in px</div>" in html
+    # the thumbnail (smaller than the cap: kept at its size) sits inside a link to the full overlay
+    assert re.search(r"<a href='overlays/a&amp;b.png' target='_blank'><img alt='a' src='data:image/jpeg", html)
+    (jpeg,) = images_in(html, "jpeg")
+    assert Image.open(io.BytesIO(jpeg)).size == (1200, 900)
+    assert "minmax(600px" in html  # shown at >= 600 CSS px, two per row
+    # lobe diameters per class, the cube's is its ECD / sqrt(2)
+    assert "<h2>Lobe diameters</h2>" in html
+    cube = m.lobe_diameter["nm"]["by_class"]["cube"]
+    assert cube.mean == pytest.approx(m.size["nm"]["by_class"]["cube"].mean / np.sqrt(2))
+    assert f"cube</td><td>{cube.n}</td><td>{cube.mean:.4g}</td>" in html

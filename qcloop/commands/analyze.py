@@ -2,8 +2,11 @@
 
 Segments and measures every particle of every image; writes ``particles.csv``, ``images.csv``
 (and ``failed.csv`` when some file could not be read) and, with ``--overlays``,
-``overlays/<image>.png``. A bad file is reported and skipped; exit code 1 if any failed.
-``--cluster`` analyses the images on a Dask cluster (same output; docs/archive.md).
+``overlays/<image>.png``; ``--export roi`` / ``--export coco`` add ImageJ ROI sets
+(``rois/<image>.zip``) / ``coco.json`` with RLE masks (see :mod:`qcloop.exports`).
+``--pixel-size-nm NM`` gives the pixel size of images whose file has none (else their sizes are
+in px, with a warning on stderr). ``--cluster`` analyses the images on a Dask cluster (same
+output; docs/archive.md). A bad file is reported and skipped; exit code 1 if any failed.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from qcloop.cluster import add_cluster_argument
+from qcloop.commands._options import add_pixel_size_option, apply_pixel_size, pixel_size_warning
 from qcloop.config import load_settings
 from qcloop.errors import InputImageError, QcloopError
+from qcloop.exports import EXPORT_FORMATS
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 
@@ -30,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
     p.add_argument("--overlays", action="store_true", help="write overlays/<image>.png")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    add_pixel_size_option(p)
+    p.add_argument("--export", action="append", default=[], choices=EXPORT_FORMATS, metavar="|".join(EXPORT_FORMATS),
+                   help="also write rois/<image>.zip (ImageJ ROI sets) or coco.json (RLE masks); repeatable")
     add_cluster_argument(p)
     p.set_defaults(func=run)
 
@@ -49,9 +57,11 @@ def collect_images(paths: list[Path], recursive: bool = False) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qcloop.exports import Exports
     from qcloop.pipeline import Pipeline
 
     settings = load_settings(args.config)
+    apply_pixel_size(settings, args)
     images = collect_images(args.paths, args.recursive)
     if not images:
         raise QcloopError("no images found in " + ", ".join(str(p) for p in args.paths))
@@ -61,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overlays:
         (out / "overlays").mkdir(exist_ok=True)
 
-    work = [(path, args.overlays) for path in images]
+    exports = Exports(out, args.export)
+    work = [(path, args.overlays, bool(exports.formats)) for path in images]
     if args.cluster:
         from qcloop.cluster import map_images
 
@@ -77,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         tables.append(r["particles"])
         summaries.append(r["summary"])
+        if r["result"] is not None:
+            exports.add(r["result"])
         if r["overlay"] is not None:
             (out / "overlays" / f"{r['name']}.png").write_bytes(r["overlay"])
 
@@ -86,21 +99,25 @@ def run(args: argparse.Namespace) -> int:
     summary.to_csv(out / "images.csv", index=False)
     if failures:
         pd.DataFrame(failures).to_csv(out / "failed.csv", index=False)
+    written = exports.finish()
 
     print(format_summary(summary))
-    if (summary.get("pixel_size_source") == "none").any() if len(summary) else False:
-        print("note: some images carry no pixel size (source 'none'): their sizes are in pixels "
-              "(the *_px columns); set imaging.pixel_size_nm in the config to convert.")
+    warning = pixel_size_warning([r["image"] for r in summaries if r["pixel_size_nm"] is None], len(summaries))
+    if warning:
+        print(f"qcloop: warning: {warning}", file=sys.stderr)
     print(f"wrote {out / 'particles.csv'} ({len(particles)} particles), {out / 'images.csv'}"
+          + (f", {len(written)} export file(s)" if written else "")
           + (f", {len(failures)} failed (see {out / 'failed.csv'})" if failures else ""))
     return 1 if failures else 0
 
 
-def analyse_for_table(pipeline, path: Path, overlay: bool) -> dict:
+def analyse_for_table(pipeline, path: Path, overlay: bool, keep_result: bool = False) -> dict:
     """One image's particles, ``images.csv`` row and (``overlay``) PNG overlay coloured by lobes.
 
     Returns ``{"path", "error"}`` for a bad image, else ``{"path", "name", "particles",
-    "summary", "overlay" (PNG bytes or None)}``: plain picklable results (``--cluster`` workers).
+    "summary", "overlay" (PNG bytes or None), "result"}``: picklable results (``--cluster``
+    workers); ``result`` is the whole :class:`~qcloop.records.ImageResult` with ``keep_result``
+    (the exports need its masks), else None.
     """
     try:
         result = pipeline.analyze(path)
@@ -119,7 +136,8 @@ def analyse_for_table(pipeline, path: Path, overlay: bool) -> dict:
                         "RGB").save(buf, format="PNG")
         png = buf.getvalue()
     return {"path": path, "name": result.image.name, "particles": result.particles,
-            "summary": result.summary(), "overlay": png}
+            "summary": result.summary(), "overlay": png,
+            "result": result if keep_result else None}
 
 
 def format_summary(summary: pd.DataFrame) -> str:

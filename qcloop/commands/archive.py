@@ -25,6 +25,7 @@ import argparse
 from pathlib import Path
 
 from qcloop.cluster import add_cluster_argument
+from qcloop.commands._options import add_pixel_size_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trained classifier (overrides pipeline.classifier of the config)")
     p.add_argument("--targets", type=Path, metavar="FILE",
                    help="YAML targets (instead of the config's targets: section)")
+    add_pixel_size_option(p)
     add_cluster_argument(p, default="local")
     p.add_argument("--transfer", choices=("auto", "path", "bytes"), default="auto",
                    help="how workers get the images: open the path (shared file system), receive the bytes "

@@ -8,7 +8,13 @@ the batch QC metrics and checks them against the targets. Writes
 * ``DIR/batch.json``: all metrics (nested and flat), their 95 % uncertainties, the targets and
   the verdict;
 * ``DIR/report.html``: self-contained report (overlays coloured by class, PCA of the
-  embeddings, size histograms, checks and class tables).
+  embeddings, size histograms, checks and class tables with ECD and lobe diameters); each
+  overlay thumbnail links to
+* ``DIR/overlays/<image>.png``: the full-size overlay (the first ``--max-overlays`` images).
+
+Images whose file carries no pixel size are measured in px unless ``--pixel-size-nm NM`` (or
+``imaging.pixel_size_nm``) gives one; batch.json (``warnings``, ``images_without_pixel_size``),
+the report and stderr then say so.
 
 Targets come from ``--targets FILE`` (YAML: ``{metric: {min/max/target/tolerance}}``, optionally
 under a top-level ``targets:`` key) or else from the configuration's ``targets:`` section.
@@ -38,9 +44,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from qcloop.cluster import add_cluster_argument
+from qcloop.commands._options import add_pixel_size_option, apply_pixel_size, pixel_size_warning
 from qcloop.errors import InputImageError, QcloopError
 
 SCHEMA = "qcloop.batch/1"
+OVERLAY_FOLDER = "overlays"
 EXIT_VERDICT_FAILED = 3
 
 
@@ -61,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                    help="images analysed in parallel processes (default: one per CPU core, at most 8, "
                         "for the classical segmenter and morphology embedder; 1 with SAM or DINOv2)")
+    add_pixel_size_option(p)
     p.add_argument("--fail-on-verdict", action="store_true",
                    help=f"exit {EXIT_VERDICT_FAILED} when a QC check fails")
     add_cluster_argument(p)
@@ -76,6 +85,7 @@ def settings_and_targets(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
     from qcloop.targets import load_targets, validate_target_names
 
     settings = load_settings(args.config)
+    apply_pixel_size(settings, args)
     if args.model is not None:
         if not args.model.is_file():
             raise QcloopError(f"model file not found: {args.model}")
@@ -110,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         raise QcloopError("--jobs must be >= 1")
     jobs = min(jobs, len(images))
 
+    if args.max_overlays:
+        (out / OVERLAY_FOLDER).mkdir(exist_ok=True)
     work = [(path, i < args.max_overlays) for i, path in enumerate(images)]
     progress = dict(desc="batch", unit="img", file=sys.stderr, disable=None, total=len(work))
     pool = source = None
@@ -138,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     particles, metrics, verdict, doc = score.particles, score.metrics, score.verdict, score.doc
     failures, model = score.failures, doc["model"]
 
+    for w in score.warnings:
+        tqdm.write(f"qcloop: warning: {w}", file=sys.stderr)
+    for name, png in score.full_overlays:
+        (out / OVERLAY_FOLDER / f"{name}.png").write_bytes(png)
     particles.to_csv(out / "particles.csv", index=False)
     t0 = time.perf_counter()
     write_report(out / "report.html", metrics, verdict if targets else None, particles=particles,
@@ -146,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                  meta={"model": Path(model).name if model else "none (one class)",
                        "segmenter": settings.pipeline.segmenter,
                        "embedder": settings.pipeline.embedder},
-                 uncertainty=score.uncertainty)
+                 uncertainty=score.uncertainty, warnings=score.warnings)
     doc["seconds"]["report"] = round(time.perf_counter() - t0, 4)
     doc["seconds"]["total"] = round(time.perf_counter() - t_start, 4)
     (out / "batch.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -167,8 +183,10 @@ class BatchScore:
     """What :func:`score_batch` computed: the content of particles.csv, batch.json and the report.
 
     ``doc`` is batch.json without the ``report`` and ``total`` entries of ``seconds`` (the
-    command adds them); ``overlays`` are ``(image name, PNG bytes)``; ``failures`` are
-    ``{"image", "path", "reason"}``.
+    command adds them); ``overlays`` are the report's ``(image name, JPEG thumbnail, link to the
+    full-size overlay)``, ``full_overlays`` ``(image name, full-size PNG)`` for
+    ``overlays/<image>.png``; ``failures`` are ``{"image", "path", "reason"}``; ``warnings``
+    (images measured in px) are also in ``doc``.
     """
 
     particles: pd.DataFrame
@@ -176,8 +194,10 @@ class BatchScore:
     metrics: Any
     verdict: Any
     uncertainty: dict[str, float]
-    overlays: list[tuple[str, bytes]]
+    overlays: list[tuple[str, bytes, str]]
+    full_overlays: list[tuple[str, bytes]]
     failures: list[dict[str, str]]
+    warnings: list[str]
     doc: dict[str, Any]
 
 
@@ -193,7 +213,9 @@ def score_batch(outcomes: Iterable[dict[str, Any]], *, settings: Any, targets: M
 
     tables: list[pd.DataFrame] = []
     embeddings: list[np.ndarray] = []
-    overlays: list[tuple[str, bytes]] = []
+    overlays: list[tuple[str, bytes, str]] = []
+    full_overlays: list[tuple[str, bytes]] = []
+    no_pixel_size: list[str] = []
     failures: list[dict[str, str]] = []
     analysed: list[str] = []
     stage_seconds: dict[str, float] = {}
@@ -205,10 +227,13 @@ def score_batch(outcomes: Iterable[dict[str, Any]], *, settings: Any, targets: M
             stage_seconds[k] = stage_seconds.get(k, 0.0) + v
         tables.append(r["particles"])
         analysed.append(r["name"])
+        if (r.get("summary") or {}).get("pixel_size_nm") is None:
+            no_pixel_size.append(r["name"])
         if r["embeddings"] is not None:
             embeddings.append(r["embeddings"])
         if r["overlay"] is not None:
-            overlays.append((r["name"], r["overlay"]))
+            overlays.append((r["name"], r["overlay"], f"{OVERLAY_FOLDER}/{r['name']}.png"))
+            full_overlays.append((r["name"], r["overlay_png"]))
 
     particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=["image", "particle_id", "touches_border", "class", "class_probability"])
@@ -216,6 +241,7 @@ def score_batch(outcomes: Iterable[dict[str, Any]], *, settings: Any, targets: M
     metrics = batch_metrics(particles, emb, n_images=len(analysed))
     flat, unc = metrics.flat(), metrics.uncertainty()
     verdict = evaluate_targets(flat, targets, unc)
+    warnings = [w for w in (pixel_size_warning(no_pixel_size, len(analysed)),) if w]
     model = str(settings.pipeline.classifier) if settings.pipeline.classifier else None
     doc: dict[str, Any] = {
         "schema": SCHEMA,
@@ -226,6 +252,8 @@ def score_batch(outcomes: Iterable[dict[str, Any]], *, settings: Any, targets: M
         "embedder": embedder_spec,
         "images": analysed,
         "failed": failures,
+        "warnings": warnings,
+        "images_without_pixel_size": no_pixel_size,
         "metrics": metrics.to_dict(),
         "flat": {k: _num(v) for k, v in flat.items()},
         "uncertainty": {k: _num(v) for k, v in unc.items()},
@@ -233,7 +261,7 @@ def score_batch(outcomes: Iterable[dict[str, Any]], *, settings: Any, targets: M
         "verdict": verdict.to_dict(),
         "seconds": {k: round(v, 4) for k, v in stage_seconds.items()},
     }
-    return BatchScore(particles, emb, metrics, verdict, unc, overlays, failures, doc)
+    return BatchScore(particles, emb, metrics, verdict, unc, overlays, full_overlays, failures, warnings, doc)
 
 
 def _announce_failures(outcomes: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -262,10 +290,14 @@ def analyse_for_batch(pipeline: Any, path: Path, want_overlay: bool) -> dict[str
     """Analyse one image with ``pipeline``; plain picklable results.
 
     Returns ``{"path", "error"}`` for a bad image (InputImageError), else ``{"path", "name",
-    "particles", "embeddings", "overlay" (PNG bytes or None), "seconds", "summary"}``
-    (``summary``: the image's row of ``images.csv``, :meth:`ImageResult.summary`).
+    "particles", "embeddings", "overlay" (report thumbnail, JPEG bytes, or None), "overlay_png"
+    (the full-size overlay, PNG bytes, or None), "seconds", "summary"}`` (``summary``: the
+    image's row of ``images.csv``, :meth:`ImageResult.summary`, with its ``pixel_size_nm``).
+    The overlay comes back as bytes, so workers on other machines need no shared output folder.
     """
-    from qcloop.report import image_png
+    import io
+
+    from qcloop.report import thumbnail_jpeg
 
     try:
         result = pipeline.analyze(path)
@@ -275,16 +307,21 @@ def analyse_for_batch(pipeline: Any, path: Path, want_overlay: bool) -> dict[str
     particles = result.particles
     if "class" not in particles.columns:
         particles = particles.assign(**{"class": "particle", "class_probability": np.nan})
-    overlay = None
+    overlay = overlay_png = None
     if want_overlay:
         from qcloop.overlay import draw_overlay
 
         t0 = time.perf_counter()
-        overlay = image_png(draw_overlay(result.image, result.masks, particles, color_by="class"))
+        from PIL import Image
+
+        rgb = draw_overlay(result.image, result.masks, particles, color_by="class")
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        overlay, overlay_png = thumbnail_jpeg(rgb), buf.getvalue()
         seconds["overlay"] = time.perf_counter() - t0
     emb = None if result.embeddings is None else np.asarray(result.embeddings, dtype=np.float64)
     return {"path": path, "name": result.image.name, "particles": particles, "embeddings": emb,
-            "overlay": overlay, "seconds": seconds, "summary": result.summary()}
+            "overlay": overlay, "overlay_png": overlay_png, "seconds": seconds, "summary": result.summary()}
 
 
 def _default_jobs(settings: Any, n_images: int) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qcloop.commands._options import add_pixel_size_option, apply_pixel_size
 from qcloop.errors import InputImageError, QcloopError
 
 
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--include-border", action="store_true",
                    help="also export particles cut by the image edge or the banner")
     e.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    add_pixel_size_option(e)
     e.set_defaults(func=run_export)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -43,6 +45,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.margin < 0:
         raise QcloopError("--margin must not be negative")
     settings = load_settings(args.config)
+    apply_pixel_size(settings, args)
     images = collect_images(args.paths, args.recursive)
     if not images:
         raise QcloopError("no images found in " + ", ".join(str(p) for p in args.paths))

@@ -39,6 +39,8 @@ from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from qcloop.batch import parse_metric_name
+
 # stage latencies from 50 ms (tiny image, classical) to 10 min (SAM auto mode on CPU)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
                    600.0, float("inf"))
@@ -128,15 +130,14 @@ class DaemonMetrics:
 
 
 def split_metric_name(key: str) -> tuple[str, str]:
-    """``(metric, class)`` labels of a flat batch-metric name.
+    """``(metric, class)`` labels of a flat batch-metric name (families: :data:`qcloop.batch.METRIC_FAMILIES`).
 
     ``class_fraction.rod`` → (``class_fraction``, ``rod``); ``ecd_nm.rod.cv`` →
     (``ecd_nm.cv``, ``rod``); ``orientation_deg.rod.mean`` → (``orientation_deg.mean``, ``rod``);
     anything else (``ecd_nm.mean``, ``silhouette``, ``pca.silhouette``) → (key, ``""``).
     """
-    parts = key.split(".")
-    if len(parts) == 2 and parts[0] in ("class_count", "class_fraction"):
-        return parts[0], parts[1]
-    if len(parts) == 3 and (parts[0].startswith("ecd_") or parts[0] == "orientation_deg"):
-        return f"{parts[0]}.{parts[2]}", parts[1]
-    return key, ""
+    parsed = parse_metric_name(key)
+    if parsed is None or parsed[1] is None:
+        return key, ""
+    fam, cls, stat = parsed
+    return fam.name(None, stat), cls
