@@ -47,7 +47,8 @@ other data. "(e996b90)" marks those in the first recorded version of the code, w
 record of how they were chosen; "(cebfcf5)" those that came with the small-lobe splits, open
 seams and dim lobes of that commit. Numerical guards (``1e-9`` against division by zero,
 pixel-centre offsets of 0.5) are not thresholds and stay literals. :data:`FUSE_MODEL` is
-fitted (see :mod:`qcloop.lobes.fusion`).
+fitted; ``bench/fit_fuse_model.py`` refits it (it does not reproduce today's weights: see
+:data:`FUSE_MODEL`'s comment in :mod:`qcloop.lobes.fusion`).
 """
 
 from __future__ import annotations
