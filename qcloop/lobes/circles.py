@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcloop.lobes.labels import _clearance, _outline_points, lobe_radius_px
+from qcloop.lobes.labels import _clearance, _label_set, _outline_points, lobe_radius_px
 
 # Tuned constants: see "Where the numbers come from" in the package docstring.
 #: An arc needs this many outline points to get a circle of its own. Konstanz, by hand (e996b90).
@@ -413,11 +413,7 @@ def lobe_circles(lobes: np.ndarray, which: np.ndarray | None = None, *, r_typ: f
         return out
     if r_typ is None:
         r_typ = lobe_radius_px(lobes)
-    sel = None
-    if which is not None:
-        sel = np.zeros(m + 1, bool)
-        w = np.asarray(which, np.int64)
-        sel[w[(w > 0) & (w <= m)]] = True
+    sel = None if which is None else _label_set(which, m)
     lab, y, x = _outline_points(lobes, _clearance(r_typ), sel)
     if lab.size == 0:
         return out

@@ -92,6 +92,14 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return relabel_sequential(labels)[0].astype(np.int32, copy=False)
 
 
+def _label_set(ids: np.ndarray, m: int) -> np.ndarray:
+    """``out[k]`` True for the labels ``k`` in ``ids`` (values outside ``1..m`` ignored), shape (m + 1,)."""
+    out = np.zeros(m + 1, bool)
+    ids = np.asarray(ids, np.int64)
+    out[ids[(ids > 0) & (ids <= m)]] = True
+    return out
+
+
 def _extend(labels: np.ndarray, geo: _Geometry) -> np.ndarray:
     """Labels with every background pixel given the label of the nearest region pixel."""
     return np.where(labels > 0, labels, labels.ravel()[geo.nearest])

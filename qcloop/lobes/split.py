@@ -17,13 +17,15 @@ cut along a dark straight seam at a neck (:func:`split_by_seams`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage as ndi
 
 from qcloop.config import LobesConfig
 from qcloop.lobes.circles import _MIN_ARC_POINTS, _fit_circle_groups, _kmeans_starts, _trimmed_inliers
-from qcloop.lobes.labels import (_MIN_LOBE_AREA, _clearance, _geometry, _Geometry, _label_max, _outline_points,
-                                 _relabel, lobe_radius_px)
+from qcloop.lobes.labels import (_MIN_LOBE_AREA, _clearance, _geometry, _Geometry, _label_max, _label_set,
+                                 _outline_points, _relabel, lobe_radius_px)
 
 # Tuned constants: see "Where the numbers come from" in the package docstring.
 # --- split by circles (split_by_circles)
@@ -161,8 +163,9 @@ def split_by_circles(lobes: np.ndarray, max_k: int = _MAX_CIRCLES, candidates: n
     """
     out = lobes.astype(np.int32, copy=True)
     m = int(out.max())
+    unchanged = out, np.zeros(0, np.int64)
     if m == 0 or max_k < 2:
-        return out, np.zeros(0, np.int64)
+        return unchanged
     if geometry is None or r_typ is None:
         if r_typ is None:
             r_typ = lobe_radius_px(out)
@@ -172,98 +175,149 @@ def split_by_circles(lobes: np.ndarray, max_k: int = _MAX_CIRCLES, candidates: n
     cand = area > _ONE_DISC_AREA * np.pi * r_in**2
     cand[0] = False
     if candidates is not None:
-        sel = np.zeros(m + 1, bool)
-        c = np.asarray(candidates, np.int64)
-        sel[c[(c > 0) & (c <= m)]] = True
-        cand &= sel
+        cand &= _label_set(candidates, m)
     if not cand.any():
-        return out, np.zeros(0, np.int64)
-    view = out
-    if candidates is not None:  # a few parts: work in their bounding box (a view of out)
-        on = cand[out]
-        rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
-        pad = int(np.ceil(_clearance(r_typ))) + 2  # the clearance and the 1-px outline, with room
-        view = out[max(rows[0] - pad, 0): rows[-1] + pad + 1, max(cols[0] - pad, 0): cols[-1] + pad + 1]
+        return unchanged
+    view = out  # a few parts: work in their bounding box (a view of out)
+    if candidates is not None:
+        view = _crop_to(out, cand, int(np.ceil(_clearance(r_typ))) + 2)  # clearance and outline, with room
+    outlines = _outlines(view, cand, area, r_typ)
+    if outlines is None:
+        return unchanged
+    best_k, circles = _best_circles(view, outlines, max_k, r_typ)
+    if not np.any(best_k >= 2):
+        return unchanged
+    return out, _cut_by_circles(view, outlines.labels, best_k, circles, m)
+
+
+def _crop_to(labels: np.ndarray, which: np.ndarray, pad: int) -> np.ndarray:
+    """View of ``labels`` on the bounding box of the labels with ``which[label]``, ``pad`` px wider."""
+    on = which[labels]
+    rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+    return labels[max(rows[0] - pad, 0): rows[-1] + pad + 1, max(cols[0] - pad, 0): cols[-1] + pad + 1]
+
+
+@dataclass(frozen=True)
+class _Outlines:
+    """Background-facing outline points of the regions that one circle does not describe
+    (:func:`_outlines`); region ``i`` is label ``labels[i]``.
+
+    Attributes
+    ----------
+    labels, r_eq, rms1 : ndarray, shape (n,)
+        Label, equivalent radius (px) and RMS residual of the single circle (inf: no fit).
+    region, y, x : ndarray, shape (p,)
+        Region index and position (px) of every outline point.
+    one_rms : float
+        RMS residual (px) up to which circles describe an outline as well as one circle a disc.
+    """
+
+    labels: np.ndarray
+    r_eq: np.ndarray
+    rms1: np.ndarray
+    region: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    one_rms: float
+
+
+def _outlines(view: np.ndarray, cand: np.ndarray, area: np.ndarray, r_typ: float) -> _Outlines | None:
+    """Outline points of the candidate regions (``cand[label]``) worth a multi-circle fit: enough
+    points for two arcs, and one circle fits worse than a disc's outline. None when there are none."""
     lab, y, x = _outline_points(view, _clearance(r_typ), cand)
     ids = np.flatnonzero(cand)  # candidate labels; index i in the batched fits
-    index = np.full(m + 1, -1, np.intp)
+    index = np.full(len(cand), -1, np.intp)
     index[ids] = np.arange(ids.size)
     reg = index[lab]
     n = ids.size
     npts = np.bincount(reg, minlength=n)
-    r_eq = np.sqrt(area[ids] / np.pi)
     rms1 = _fit_circle_groups(reg, y, x, n)[3]
     one_rms = max(_ONE_CIRCLE_RMS_PX, _ONE_CIRCLE_RMS * r_typ)
     good_one = np.isfinite(rms1) & (rms1 <= one_rms)
     try_k = (npts >= 2 * _MIN_ARC_POINTS) & ~good_one
     if not try_k.any():
-        return out, np.zeros(0, np.int64)
-    # keep only the regions worth a multi-circle fit
+        return None
     keep_pt = try_k[reg]
     sub = np.flatnonzero(try_k)
     reindex = np.full(n, -1, np.intp)
     reindex[sub] = np.arange(sub.size)
-    reg2, y2, x2 = reindex[reg[keep_pt]], y[keep_pt], x[keep_pt]
-    labels_sub = ids[sub]
-    ns = sub.size
-    best_rms = np.where(np.isfinite(rms1[sub]), rms1[sub], np.inf)
-    best_k = np.ones(ns, int)
-    best_circles: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    # a grid of the examined regions' pixels, for the pixel-share checks
+    return _Outlines(labels=ids[sub], r_eq=np.sqrt(area[ids] / np.pi)[sub],
+                     rms1=np.where(np.isfinite(rms1[sub]), rms1[sub], np.inf), region=reindex[reg[keep_pt]],
+                     y=y[keep_pt], x=x[keep_pt], one_rms=one_rms)
+
+
+def _pixel_sample(view: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, columns and region index (into ``labels``) of a grid of the regions' pixels, every
+    ``_PIXEL_SAMPLE``-th row and column, for the pixel-share checks."""
     step = _PIXEL_SAMPLE
-    preg = np.full(m + 1, -1, np.intp)
-    preg[labels_sub] = np.arange(ns)
+    preg = np.full(int(view.max()) + 1, -1, np.intp)
+    preg[labels] = np.arange(labels.size)
     grid = preg[view[::step, ::step]]
     pr, pc = np.nonzero(grid >= 0)
-    pix_reg = grid[pr, pc]
-    pr, pc = step * pr, step * pc
-    dominant = _trimmed_inliers(reg2, y2, x2, ns)
+    return step * pr, step * pc, grid[pr, pc]
+
+
+def _best_circles(view: np.ndarray, o: _Outlines, max_k: int, r_typ: float
+                  ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Best number of circles (1 = not split) of every region of ``o`` and, where 2 or more,
+    their centres and radii (``cy, cx, r``), from ``k = 2..max_k`` circles (see
+    :func:`split_by_circles`)."""
+    ns = o.labels.size
+    best_rms = o.rms1
+    best_k = np.ones(ns, int)
+    best_circles: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    pr, pc, pix_reg = _pixel_sample(view, o.labels)
+    dominant = _trimmed_inliers(o.region, o.y, o.x, ns)
     need = np.ones(ns, bool)
     for k in range(2, max_k + 1):
         # regions that k - 1 circles describe as well as one circle a disc are done
-        need &= ~((best_k >= 2) & (best_rms <= one_rms))
+        need &= ~((best_k >= 2) & (best_rms <= o.one_rms))
         if not need.any():
             break
-        on = need[reg2]
+        on = need[o.region]
         limit = np.where(best_k >= 2, _RMS_GAIN_MORE, _RMS_GAIN) * best_rms
         k_rms = np.full(ns, np.inf)
-        for cy, cx, r, cov, rms, ok in _kmeans_starts(reg2[on], y2[on], x2[on], ns, k, dominant=dominant[on]):
+        for cy, cx, r, cov, rms, ok in _kmeans_starts(o.region[on], o.y[on], o.x[on], ns, k, dominant=dominant[on]):
             cy, cx, r, cov = (a.reshape(ns, k) for a in (cy, cx, r, cov))
             valid = need & ok & (rms < np.minimum(limit, k_rms)) & np.all(cov >= _MIN_SPLIT_COVERAGE, axis=1)
-            valid &= _plausible_lobes(cy, cx, r, r_eq[sub], labels_sub, view, pr, pc, pix_reg, float(step**2), r_typ)
+            valid &= _plausible_lobes(cy, cx, r, o.r_eq, o.labels, view, pr, pc, pix_reg, float(_PIXEL_SAMPLE**2),
+                                      r_typ)
             for i in np.flatnonzero(valid):
                 best_circles[int(i)] = (cy[i], cx[i], r[i])
             k_rms = np.where(valid, rms, k_rms)
         found = np.isfinite(k_rms)
         best_rms = np.where(found, k_rms, best_rms)
         best_k = np.where(found, k, best_k)
+    return best_k, best_circles
+
+
+def _cut_by_circles(view: np.ndarray, labels: np.ndarray, best_k: np.ndarray,
+                    circles: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], m: int) -> np.ndarray:
+    """Split (in place) every region ``labels[i]`` with ``best_k[i] >= 2`` along the radical lines
+    of its circles (power diagram); part 0 keeps the label, the others get new labels above
+    ``m``. Returns the labels of every part of every split region."""
     split = np.flatnonzero(best_k >= 2)
-    if split.size == 0:
-        return out, np.zeros(0, np.int64)
+    ns = labels.size
     kmax = int(best_k.max())
     ccy = np.full((ns, kmax), np.nan)
     ccx = np.full((ns, kmax), np.nan)
     crr = np.full((ns, kmax), np.nan)
     for i in split:
-        c_y, c_x, c_r = best_circles[int(i)]
+        c_y, c_x, c_r = circles[int(i)]
         ccy[i, : c_y.size], ccx[i, : c_x.size], crr[i, : c_r.size] = c_y, c_x, c_r
     full = np.full(m + 1, -1, np.intp)
-    full[labels_sub[split]] = split
+    full[labels[split]] = split
     pix_reg = full[view]
     pr, pc = np.nonzero(pix_reg >= 0)
     pix_reg = pix_reg[pr, pc]
     power = np.stack([(pr - ccy[pix_reg, j]) ** 2 + (pc - ccx[pix_reg, j]) ** 2 - crr[pix_reg, j] ** 2
                       for j in range(kmax)])
     owner = np.argmin(np.where(np.isfinite(power), power, np.inf), axis=0)
-    # part 0 keeps the label; part j > 0 of split region i gets a new label
     new_label = m + 1 + np.arange(ns * kmax).reshape(ns, kmax)
     moved = owner > 0
     view[pr[moved], pc[moved]] = new_label[pix_reg[moved], owner[moved]]
-    changed = [labels_sub[split]]
-    for i in split:
-        changed.append(new_label[i, 1: best_k[i]])
-    changed_arr = np.concatenate(changed).astype(np.int64)
-    return out, changed_arr
+    changed = [labels[split]] + [new_label[i, 1: best_k[i]] for i in split]
+    return np.concatenate(changed).astype(np.int64)
 
 
 def _best_seam_chord(own: np.ndarray, grey: np.ndarray, r_typ: float, span: float,
