@@ -182,6 +182,9 @@ class LobesConfig(Section):
     segmenter may cut a fused neck along its seam). ``dim_lobes``: lobe-sized background blobs
     about as bright as the substrate and wedged between regions (dim middle lobes of trimers the
     segmenter missed) are added as lobes, and kept where they fuse with a neighbour.
+    ``seam_depth``: a lobe too large for one disc is cut along a straight seam across a neck
+    that is darker than the grey 2-4 px to either side by at least this fraction of the lobes'
+    grey range (raise it to cut less; chosen by hand on the Konstanz trimers).
     """
 
     enabled: bool = True
@@ -193,6 +196,7 @@ class LobesConfig(Section):
     min_neck: float = Field(default=0.3, ge=0)
     max_gap: float = Field(default=0.3, ge=0)
     dim_lobes: bool = True
+    seam_depth: float = Field(default=0.05, ge=0)
 
 
 class PipelineConfig(Section):

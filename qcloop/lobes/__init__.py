@@ -35,6 +35,20 @@ One module per job:
 
 :func:`exterior_circle`, :func:`fit_circle` and :func:`fit_circles` are also useful on their
 own (circles fitted to lobe outlines).
+
+Where the numbers come from
+---------------------------
+What a user may tune is in :class:`qcloop.config.LobesConfig` (documented in
+``configs/default.yaml``). Every other threshold is a named constant at the top of the module
+that uses it; its comment says what it means and where it comes from. All were chosen by hand
+on the 15 Konstanz images in ``../shared/data/sem/konstanz`` (spheres, dumbbells, trimers,
+judged by the figures of ``bench/analyze.py``); none was fitted, and none has been checked on
+other data. "(e996b90)" marks those in the first recorded version of the code, which kept no
+record of how they were chosen; "(cebfcf5)" those that came with the small-lobe splits, open
+seams and dim lobes of that commit. Numerical guards (``1e-9`` against division by zero,
+pixel-centre offsets of 0.5) are not thresholds and stay literals. :data:`FUSE_MODEL` is
+fitted; ``bench/fit_fuse_model.py`` refits it (it does not reproduce today's weights: see
+:data:`FUSE_MODEL`'s comment in :mod:`qcloop.lobes.fusion`).
 """
 
 from __future__ import annotations

@@ -17,12 +17,39 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcloop.lobes.labels import _clearance, _outline_points, lobe_radius_px
+from qcloop.lobes.labels import _clearance, _label_set, _outline_points, lobe_radius_px
 
-#: An arc needs this many outline points to get a circle of its own.
+# Tuned constants: see "Where the numbers come from" in the package docstring.
+#: An arc needs this many outline points to get a circle of its own. Konstanz, by hand (e996b90).
 _MIN_ARC_POINTS = 8
-#: A circle needs this much angular support (radians) to describe a lobe's outline.
+#: A circle needs this much angular support (radians) to describe a lobe's outline. Konstanz, by
+#: hand (e996b90).
 _MIN_COVERAGE = np.deg2rad(110.0)
+#: A lobe's circle is at most this many times the lobe's equivalent radius (else the arc is
+#: nearly straight: a cut, not a lobe). Konstanz, by hand (e996b90).
+_MAX_R_OVER_EQ = 2.0
+#: Gauss-Newton steps after the algebraic start in the batched fits (a short arc's Kasa circle is
+#: biased small). By hand (cebfcf5).
+_GN_STEPS = 3
+#: Most k-means rounds of the multi-circle fits (a region stops once its partition no longer
+#: changes). By hand (e996b90).
+_KMEANS_ROUNDS = 6
+#: Trimmed fit of the circle through most of an outline (:func:`_trimmed_inliers`): refitted
+#: ``_TRIM_ROUNDS`` times to the fraction ``_TRIM_KEEP`` of points nearest it, with
+#: ``_TRIM_GN_STEPS`` Gauss-Newton steps each; inliers lie within ``_INLIER_PX`` px or
+#: ``_INLIER_RMS`` x its RMS residual. Konstanz trimers (a big lobe with a small one), by hand
+#: (cebfcf5).
+_TRIM_KEEP = 0.6
+_TRIM_ROUNDS = 2
+_TRIM_GN_STEPS = 2
+_INLIER_PX = 1.5
+_INLIER_RMS = 2.0
+#: A circle larger than this many times the RMS distance of its points from their mean is a
+#: straight line (numerical guard, not tuned).
+_MAX_R_OVER_SPREAD = 100.0
+#: A 3 x 3 system counts as singular when ``|det|`` is at most this times the cube of its largest
+#: entry (relative round-off of float64 with room to spare; not tuned).
+_SINGULAR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -41,7 +68,8 @@ class Circle:
 
 
 def _solve3(mat: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve many 3 x 3 linear systems (Cramer's rule); rows of NaN where a system is singular.
+    """Solve many 3 x 3 linear systems (batched :func:`numpy.linalg.solve`); rows of NaN where a
+    system is singular (``|det| <= 1e-12 x`` the cube of its largest entry).
 
     Parameters
     ----------
@@ -52,24 +80,17 @@ def _solve3(mat: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     -------
     ndarray, shape (n, 3)
     """
-    a, b, c = mat[:, 0, 0], mat[:, 0, 1], mat[:, 0, 2]
-    d, e, f = mat[:, 1, 0], mat[:, 1, 1], mat[:, 1, 2]
-    g, h, i = mat[:, 2, 0], mat[:, 2, 1], mat[:, 2, 2]
-    co_a, co_b, co_c = e * i - f * h, f * g - d * i, d * h - e * g
-    det = a * co_a + b * co_b + c * co_c
-    scale = np.abs(mat).reshape(len(mat), -1).max(axis=1) if len(mat) else np.zeros(0)
-    ok = np.abs(det) > 1e-12 * np.maximum(scale, 1e-300) ** 3
-    det = np.where(ok, det, 1.0)
-    r0, r1, r2 = rhs[:, 0], rhs[:, 1], rhs[:, 2]
-    x0 = (co_a * r0 + (c * h - b * i) * r1 + (b * f - c * e) * r2) / det
-    x1 = (co_b * r0 + (a * i - c * g) * r1 + (c * d - a * f) * r2) / det
-    x2 = (co_c * r0 + (b * g - a * h) * r1 + (a * e - b * d) * r2) / det
-    out = np.stack([x0, x1, x2], axis=1)
+    n = len(mat)
+    if n == 0:
+        return np.zeros((0, 3))
+    scale = np.abs(mat).reshape(n, -1).max(axis=1)
+    ok = np.abs(np.linalg.det(mat)) > _SINGULAR * np.maximum(scale, 1e-300) ** 3
+    out = np.linalg.solve(np.where(ok[:, None, None], mat, np.eye(3)), rhs[..., None])[..., 0]
     out[~ok] = np.nan
     return out
 
 
-def _fit_circle_groups(group: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, iterations: int = 3,
+def _fit_circle_groups(group: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, iterations: int = _GN_STEPS,
                        with_rms: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares circle through the points of each group ``0..n-1``, all groups at once.
 
@@ -143,7 +164,7 @@ def _fit_circle_groups(group: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, 
     else:
         rms = np.full(n, np.nan)
     spread = np.sqrt(gsum(z) / safe)  # RMS distance of the points from their mean
-    ok &= r <= 100.0 * np.maximum(spread, 0.5)  # else a straight line, not an arc
+    ok &= r <= _MAX_R_OVER_SPREAD * np.maximum(spread, 0.5)  # else a straight line, not an arc
     nan = np.full(n, np.nan)
     return (np.where(ok, cv + my, nan), np.where(ok, cu + mx, nan), np.where(ok, r, nan),
             np.where(ok, rms, nan))
@@ -206,8 +227,9 @@ def _group_rank(region: np.ndarray, key: np.ndarray, cnt: np.ndarray) -> np.ndar
     return rank
 
 
-def _kmeans_starts(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: int, iterations: int = 6,
-                   dominant: np.ndarray | None = None) -> list[tuple[np.ndarray, ...]]:
+def _kmeans_starts(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: int,
+                   iterations: int = _KMEANS_ROUNDS, dominant: np.ndarray | None = None
+                   ) -> list[tuple[np.ndarray, ...]]:
     """``k`` circles per region fitted to its outline points, all regions at once, from three starts.
 
     k-means-like: start from a partition of each region's points, fit a circle to each part,
@@ -267,7 +289,8 @@ def _kmeans_starts(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: 
     return [_kmeans_from(region, y, x, n, k, part, iterations) for part in (by_count, by_length, by_dominant)]
 
 
-def _kmeans_circles(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: int, iterations: int = 6
+def _kmeans_circles(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: int,
+                    iterations: int = _KMEANS_ROUNDS
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The lowest-residual fit of :func:`_kmeans_starts` for every region (same arguments and
     results as one of its fits)."""
@@ -283,23 +306,23 @@ def _kmeans_circles(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k:
     return best
 
 
-def _trimmed_inliers(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, keep: float = 0.6,
-                     rounds: int = 2) -> np.ndarray:
+def _trimmed_inliers(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int) -> np.ndarray:
     """Points on the circle that fits most of each region's outline: a circle is fitted to all
-    points, then refitted ``rounds`` times to the fraction ``keep`` of points closest to it;
-    points within 1.5 px (or twice the last fit's RMS) of it are returned True."""
+    points, then refitted ``_TRIM_ROUNDS`` times to the fraction ``_TRIM_KEEP`` of points closest
+    to it; points within ``_INLIER_PX`` px (or ``_INLIER_RMS`` x the last fit's RMS) of it are
+    returned True."""
     region = np.asarray(region, np.intp)
     cnt = np.bincount(region, minlength=n)
     use = np.ones(region.size, bool)
     res = np.zeros(region.size)
     rms = np.zeros(n)
-    for _ in range(rounds + 1):
+    for _ in range(_TRIM_ROUNDS + 1):
         grp = np.where(use, region, n)  # group n: left out
-        cy, cx, r, rms = (a[:n] for a in _fit_circle_groups(grp, y, x, n + 1, iterations=2))
+        cy, cx, r, rms = (a[:n] for a in _fit_circle_groups(grp, y, x, n + 1, iterations=_TRIM_GN_STEPS))
         res = np.abs(np.hypot(y - cy[region], x - cx[region]) - r[region])
         res = np.where(np.isfinite(res), res, np.inf)
-        use = _group_rank(region, res, cnt) < keep * cnt[region]
-    return res <= np.maximum(1.5, 2.0 * np.nan_to_num(rms, nan=0.0))[region]
+        use = _group_rank(region, res, cnt) < _TRIM_KEEP * cnt[region]
+    return res <= np.maximum(_INLIER_PX, _INLIER_RMS * np.nan_to_num(rms, nan=0.0))[region]
 
 
 def _kmeans_from(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: int, part: np.ndarray,
@@ -320,7 +343,7 @@ def _kmeans_from(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: in
         part[act] = new
         act = act[moved[region[act]]]
     grp = base + part
-    cy, cx, r, _ = _fit_circle_groups(grp, y, x, n * k, iterations=3, with_rms=False)
+    cy, cx, r, _ = _fit_circle_groups(grp, y, x, n * k, with_rms=False)
     res2 = np.stack([(np.hypot(y - cy[base + j], x - cx[base + j]) - r[base + j]) ** 2 for j in range(k)])
     res2 = np.where(np.isfinite(res2), res2, np.inf)
     best = res2.min(axis=0)
@@ -333,7 +356,7 @@ def _kmeans_from(region: np.ndarray, y: np.ndarray, x: np.ndarray, n: int, k: in
     return cy, cx, r, cov, rms, ok
 
 
-def fit_circles(y: np.ndarray, x: np.ndarray, k: int, iterations: int = 6) -> list[Circle] | None:
+def fit_circles(y: np.ndarray, x: np.ndarray, k: int, iterations: int = _KMEANS_ROUNDS) -> list[Circle] | None:
     """Fit ``k`` circles to outline points (k-means-like: assign each point to the circle it
     lies closest to, refit, repeat). Three starts are tried (slices of equal point counts and
     of equal length along the points' major axis; the circle through most of the points
@@ -349,7 +372,7 @@ def fit_circles(y: np.ndarray, x: np.ndarray, k: int, iterations: int = 6) -> li
     Returns
     -------
     list of Circle or None
-        None when a circle gets fewer than 8 points or a fit degenerates. ``rms`` of each
+        None when a circle gets fewer than ``_MIN_ARC_POINTS`` (8) points or a fit degenerates. ``rms`` of each
         circle is over its own points.
     """
     y = np.asarray(y, float)
@@ -390,11 +413,7 @@ def lobe_circles(lobes: np.ndarray, which: np.ndarray | None = None, *, r_typ: f
         return out
     if r_typ is None:
         r_typ = lobe_radius_px(lobes)
-    sel = None
-    if which is not None:
-        sel = np.zeros(m + 1, bool)
-        w = np.asarray(which, np.int64)
-        sel[w[(w > 0) & (w <= m)]] = True
+    sel = None if which is None else _label_set(which, m)
     lab, y, x = _outline_points(lobes, _clearance(r_typ), sel)
     if lab.size == 0:
         return out
@@ -403,7 +422,7 @@ def lobe_circles(lobes: np.ndarray, which: np.ndarray | None = None, *, r_typ: f
     npts = np.bincount(lab, minlength=m + 1)
     area = np.bincount(lobes.ravel(), minlength=m + 1)[: m + 1]
     ok = (npts >= _MIN_ARC_POINTS) & (cov >= _MIN_COVERAGE) & np.isfinite(r)
-    ok &= r <= 2.0 * np.sqrt(area / np.pi)
+    ok &= r <= _MAX_R_OVER_EQ * np.sqrt(area / np.pi)
     ok[0] = False
     out[ok] = np.column_stack([cy, cx, r])[ok]
     return out
@@ -430,7 +449,7 @@ def exterior_circle(lobe_mask: np.ndarray, offset: tuple[int, int], labels: np.n
     """
     h, w = lobe_mask.shape
     r0, c0 = offset
-    pad = int(np.ceil(max(h, w) / 2)) + 4
+    pad = int(np.ceil(max(h, w) / 2)) + 4  # the lobe's neighbours within its clearance
     R0, C0 = max(0, r0 - pad), max(0, c0 - pad)
     R1, C1 = min(labels.shape[0], r0 + h + pad), min(labels.shape[1], c0 + w + pad)
     crop = labels[R0:R1, C0:C1].astype(np.int32, copy=True)
@@ -441,6 +460,6 @@ def exterior_circle(lobe_mask: np.ndarray, offset: tuple[int, int], labels: np.n
     if lab.size < _MIN_ARC_POINTS:
         return None
     c = fit_circle(y + R0, x + C0)
-    if c is None or c.coverage < _MIN_COVERAGE or c.r > 2.0 * r_eq:
+    if c is None or c.coverage < _MIN_COVERAGE or c.r > _MAX_R_OVER_EQ * r_eq:
         return None
     return c

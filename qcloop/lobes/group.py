@@ -20,6 +20,14 @@ from qcloop.lobes.pairs import _gap_px, _grey_span, _pair_features, _Pairs
 from qcloop.lobes.split import _decompose, split_by_seams
 from qcloop.records import ParticleMasks, Segmentation, SemImage
 
+# Tuned constants: see "Where the numbers come from" in the package docstring.
+#: Holes enclosed by one region belong to it up to this fraction of a typical region's area.
+#: Konstanz, by hand (cebfcf5).
+_MAX_HOLE_AREA = 0.5
+#: Gaussian smoothing (px) of the intensity that seams, dim lobes and pair contrasts are read
+#: from (shot noise). Konstanz, by hand (cebfcf5).
+_SMOOTH_PX = 1.0
+
 
 def _bridge_gaps(lobes: np.ndarray, particle_of_lobe: np.ndarray, geo: _Geometry,
                  feats: pd.DataFrame, fused: np.ndarray, pairs: _Pairs) -> np.ndarray:
@@ -67,9 +75,8 @@ def _pieces_and_features(labels: np.ndarray, intensity: np.ndarray, cfg: LobesCo
     n_segmented = int(labels.max())
     area = np.bincount(labels.ravel())[1:]
     r_area = float(np.sqrt(np.median(area[area > 0]) / np.pi))
-    # holes inside one region belong to it (up to half a typical region's area)
-    labels = fill_enclosed_holes(labels, 0.5 * np.pi * r_area**2)
-    smoothed = ndi.gaussian_filter(np.asarray(intensity, np.float32), 1.0)
+    labels = fill_enclosed_holes(labels, _MAX_HOLE_AREA * np.pi * r_area**2)
+    smoothed = ndi.gaussian_filter(np.asarray(intensity, np.float32), _SMOOTH_PX)
     if cfg.dim_lobes:
         labels = recover_dim_lobes(labels, smoothed, r_area)
     geo = _geometry(labels)
@@ -78,7 +85,7 @@ def _pieces_and_features(labels: np.ndarray, intensity: np.ndarray, cfg: LobesCo
     span = _grey_span(smoothed[labels > 0])  # the lobes cover the regions' pixels
     changed = None
     for _ in range(max(0, cfg.max_lobes - 1)):  # a part may hold a further seam (a chain)
-        lobes, changed = split_by_seams(lobes, smoothed, r_typ, span, candidates=changed)
+        lobes, changed = split_by_seams(lobes, smoothed, r_typ, span, cfg.seam_depth, candidates=changed)
         if changed.size == 0:
             break
     lobes = _relabel(lobes)

@@ -18,6 +18,15 @@ from skimage.segmentation import relabel_sequential
 
 from qcloop._binary import cut_pixels, dilate_square
 
+#: Outline points this close to a pixel where two regions touch, or to the image edge, are left
+#: out of circle fits (near a cut or neck the outline bends into the corner): the larger of
+#: ``_CLEARANCE_PX`` px and ``_CLEARANCE`` x the typical lobe radius. Konstanz, by hand (e996b90).
+_CLEARANCE_PX = 2.0
+_CLEARANCE = 0.15
+#: A lobe has at least this fraction of the area of a disc of the typical lobe radius (a split's
+#: parts, a recovered dim lobe). Konstanz, by hand (cebfcf5).
+_MIN_LOBE_AREA = 0.3
+
 
 def _neighbour_diff(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Horizontal and vertical 4-neighbour pairs with different labels (bool, shapes
@@ -81,6 +90,14 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     if labels.size == 0:  # relabel_sequential needs a minimum
         return labels.astype(np.int32)
     return relabel_sequential(labels)[0].astype(np.int32, copy=False)
+
+
+def _label_set(ids: np.ndarray, m: int) -> np.ndarray:
+    """``out[k]`` True for the labels ``k`` in ``ids`` (values outside ``1..m`` ignored), shape (m + 1,)."""
+    out = np.zeros(m + 1, bool)
+    ids = np.asarray(ids, np.int64)
+    out[ids[(ids > 0) & (ids <= m)]] = True
+    return out
 
 
 def _extend(labels: np.ndarray, geo: _Geometry) -> np.ndarray:
@@ -223,7 +240,9 @@ def _outline_points(labels: np.ndarray, clearance: float, which: np.ndarray | No
 
 
 def _clearance(r_typ: float) -> float:
-    return max(2.0, 0.15 * r_typ)
+    """How far (px, Chebyshev) outline points must be from a cut or the image edge
+    (:func:`_outline_points`) for lobes of radius ``r_typ``."""
+    return max(_CLEARANCE_PX, _CLEARANCE * r_typ)
 
 
 def border_flags(labels: np.ndarray) -> np.ndarray:

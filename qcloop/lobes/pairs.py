@@ -30,9 +30,22 @@ from scipy import ndimage as ndi
 from qcloop.lobes.circles import lobe_circles
 from qcloop.lobes.labels import _extend, _geometry, _Geometry, _label_max, lobe_radius_px
 
-#: A background gap pixel pair counts as part of a seam when it is at most this much (fraction
-#: of the lobes' grey range) darker than the two lobes.
+from qcloop.config import LobesConfig
+
+# Tuned constants: see "Where the numbers come from" in the package docstring.
+#: The contact of two lobes: where they are closest, and up to this many px wider (a gap) ...
+#: By hand (cebfcf5).
+_CONTACT_SLACK_PX = 1.0
+#: ... where that gap is at most this much (fraction of the lobes' grey range) darker than the two
+#: lobes (a seam the segmenter left open). Konstanz dumbbells, by hand (cebfcf5).
 _OPEN_SEAM_DARKNESS = 0.2
+#: ``line_contrast`` samples the segment between the lobe centroids at these fractions of its
+#: length (the middle 60 %, 13 points). By hand (e996b90).
+_LINE_SAMPLES = np.linspace(0.2, 0.8, 13)
+#: The lobes' grey range: between these percentiles of their pixels (e996b90), at least
+#: ``_MIN_GREY_SPAN`` (flat images: no contrast to speak of; cebfcf5). By hand.
+_GREY_PERCENTILES = (5, 95)
+_MIN_GREY_SPAN = 0.05
 
 
 def _contacts(ext: np.ndarray, geo: _Geometry, gap_px: float, intensity: np.ndarray) -> dict[str, np.ndarray]:
@@ -70,6 +83,7 @@ def _contacts(ext: np.ndarray, geo: _Geometry, gap_px: float, intensity: np.ndar
 
 
 def _gap_px(r_typ: float, max_gap: float) -> float:
+    """Widest gap (px, at least one pixel) across which lobes of radius ``r_typ`` are neighbours."""
     return max(1.0, max_gap * r_typ)
 
 
@@ -93,7 +107,7 @@ def _histogram_median(values: np.ndarray, labels: np.ndarray, m: int, bins: int 
 
 
 def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.ndarray | None = None, *,
-                       r_typ: float | None = None, max_gap: float = 0.3) -> pd.DataFrame:
+                       r_typ: float | None = None, max_gap: float | None = None) -> pd.DataFrame:
     """Features of every pair of neighbouring lobes (see the module docstring).
 
     Parameters
@@ -106,8 +120,8 @@ def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.nda
         The segmented regions the lobes come from (for ``same_region``; default: the lobes).
     r_typ : float, optional
         Typical lobe radius (px); estimated from ``lobes`` when not given.
-    max_gap : float
-        Lobes up to ``max_gap * r_typ`` px apart are neighbours.
+    max_gap : float, optional
+        Lobes up to ``max_gap * r_typ`` px apart are neighbours (default ``LobesConfig.max_gap``).
 
     Returns
     -------
@@ -123,6 +137,8 @@ def lobe_pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.nda
     regions = lobes if regions is None else np.asarray(regions)
     if r_typ is None:
         r_typ = lobe_radius_px(lobes)
+    if max_gap is None:
+        max_gap = LobesConfig().max_gap
     return _pair_features(lobes, intensity, regions, r_typ, _geometry(regions), _gap_px(r_typ, max_gap))[0]
 
 
@@ -134,9 +150,9 @@ def _no_pairs() -> pd.DataFrame:
 
 def _grey_span(values: np.ndarray) -> float:
     """Grey range of lobe pixels: 5th to 95th percentile, at least 0.05 (flat images: no
-    contrast to speak of)."""
-    lo, hi = np.percentile(values, [5, 95])
-    return max(float(hi - lo), 0.05)
+    contrast to speak of; ``_GREY_PERCENTILES``, ``_MIN_GREY_SPAN``)."""
+    lo, hi = np.percentile(values, list(_GREY_PERCENTILES))
+    return max(float(hi - lo), _MIN_GREY_SPAN)
 
 
 @dataclass(frozen=True)
@@ -189,7 +205,7 @@ def _pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.ndarray
     gap = np.full(n, np.inf)
     np.minimum.at(gap, inv, w)
     # where the lobes are closest: touching, or across the narrowest gap (and up to 1 px wider)
-    closest = w <= gap[inv] + np.minimum(gap[inv], 1.0)
+    closest = w <= gap[inv] + np.minimum(gap[inv], _CONTACT_SLACK_PX)
     shared = np.bincount(inv, w == 0, n)
     if span is None:
         span = _grey_span(intensity[fg])
@@ -197,11 +213,11 @@ def _pair_features(lobes: np.ndarray, intensity: np.ndarray, regions: np.ndarray
     mid_level = 0.5 * (level[a] + level[b])
     # the contact: where they are closest, and a gap up to 1 px wider that is about as bright as
     # the lobes (a seam the segmenter left open, not a dark crevice between touching spheres)
-    bridge = closest | ((w <= gap[inv] + 1.0) & (mid_level[inv] - c["v"] <= _OPEN_SEAM_DARKNESS * span))
+    bridge = closest | ((w <= gap[inv] + _CONTACT_SLACK_PX) & (mid_level[inv] - c["v"] <= _OPEN_SEAM_DARKNESS * span))
     nb = np.maximum(np.bincount(inv, closest, n), 1)
     contrast = (mid_level - np.bincount(inv, np.where(closest, c["v"], 0.0), n) / nb) / span
     # darkest point between the two centroids (middle 60 % of the segment)
-    t = np.linspace(0.2, 0.8, 13)
+    t = _LINE_SAMPLES
     py = com_y[a][:, None] + t[None, :] * (com_y[b] - com_y[a])[:, None]
     px = com_x[a][:, None] + t[None, :] * (com_x[b] - com_x[a])[:, None]
     prof = ndi.map_coordinates(intensity, [py.ravel(), px.ravel()], order=1, mode="nearest").reshape(py.shape)
