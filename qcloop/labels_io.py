@@ -110,3 +110,29 @@ def read_label_tiff(path: str | Path) -> LabelImage:
         if page.ndim != 2 or not np.issubdtype(page.dtype, np.integer):
             raise ValueError(f"{path}: not a label image (page of dtype {page.dtype}, shape {page.shape})")
     return LabelImage(labels=pages[0], lobe_labels=pages[1] if len(pages) > 1 else None)
+
+
+def read_label_image(path: str | Path) -> np.ndarray:
+    """First page of any 2-D integer image (TIFF, PNG, ...): a label image or a drawn mask.
+
+    Raises ``ValueError`` for colour or floating-point images.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return read_label_tiff(path).labels
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    if arr.ndim != 2 or (not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool):
+        raise ValueError(f"{path}: not a label image or mask (dtype {arr.dtype}, shape {arr.shape})")
+    return arr
+
+
+def write_result_labels(folder: str | Path, result) -> Path:
+    """``folder/<image>.tif`` of one :class:`qcloop.records.ImageResult`: particles, then lobes.
+
+    Page 1 values are the ``particle_id`` of ``particles.csv``; page 2 the lobe labels.
+    """
+    masks = result.masks
+    return write_label_tiff(Path(folder) / f"{result.image.name}.tif", masks.labels, masks.lobe_labels)

@@ -1,8 +1,12 @@
-"""``qcloop analyze PATH... --out DIR [--config FILE] [--overlays]``.
+"""``qcloop analyze PATH... --out DIR [--config FILE] [--overlays] [--labels]``.
 
 Segments and measures every particle of every image; writes ``particles.csv``, ``images.csv``
 (and ``failed.csv`` when some file could not be read) and, with ``--overlays``,
-``overlays/<image>.png``. A bad file is reported and skipped; exit code 1 if any failed.
+``overlays/<image>.png``. With ``--labels``: ``labels/<image>.tif``, a two-page uint16 TIFF
+(uint32 above 65535 labels) of the analysed rows: page 1 the particles (0 = background, value
+= ``particle_id`` of particles.csv), page 2 their lobes (see :mod:`qcloop.labels_io`); it opens in
+Fiji / napari and ``qcloop eval`` scores it. A bad file is reported and skipped; exit code 1 if
+any failed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
     p.add_argument("--overlays", action="store_true", help="write overlays/<image>.png")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--labels", action="store_true", help="write labels/<image>.tif (particles; lobes on page 2)")
     p.set_defaults(func=run)
 
 
@@ -73,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
             draw_overlay(result.image, result.masks, result.particles, color_by="lobes",
                          path=out / "overlays" / f"{result.image.name}.png")
+        if args.labels:
+            from qcloop.labels_io import write_result_labels
+
+            write_result_labels(out / "labels", result)
 
     particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     particles.to_csv(out / "particles.csv", index=False)
