@@ -129,3 +129,25 @@ def test_eval_reports_missing_truth_and_bad_arguments(synth_dir, tmp_path, capsy
     assert "no truth for S_1" in capsys.readouterr().err
     assert main(["eval", str(synth_dir), "--truth", str(tmp_path / "nope")]) == 2
     assert main(["eval", str(synth_dir), "--truth", str(synth_dir), "--min-area", "-1"]) == 2
+
+
+@pytest.mark.real_data
+def test_eval_on_the_bam_sem_images_and_their_drawn_masks(sem_data, tmp_path):
+    """The real naming rule (<id>.tif ↔ <id>_m.tif), binary masks, banner rows cut off."""
+    from skimage.measure import label
+
+    from qcloop.imaging import load_image
+
+    root = sem_data / "bam_tio2"
+    if not (root / "masks").is_dir():
+        pytest.skip("bam_tio2/ not in the SEM data folder")
+    images = sorted((root / "sem").glob("*.tif"))[:2]
+    assert main(["eval", *map(str, images), "--truth", str(root / "masks"), "--min-area", "100",
+                 "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "eval.csv").set_index("image")
+    for img in images:
+        mask = tifffile.imread(root / "masks" / f"{img.stem}_m.tif")
+        rows = load_image(img).analysed_height_px  # the rows above the Zeiss banner
+        areas = np.bincount(label(mask[:rows] > 0, connectivity=1).ravel())[1:]
+        assert table.loc[img.stem, "n_truth"] == (areas >= 100).sum()
+        assert table.loc[img.stem, "n_pred"] > 0 and table.loc[img.stem, "seconds"] > 0
