@@ -19,7 +19,7 @@ COMMAND_MODULES = (
     "qcloop.commands.analyze",
     "qcloop.commands.batch", "qcloop.commands.archive",
     "qcloop.commands.run", "qcloop.commands.check_config",
-    "qcloop.commands.synth", "qcloop.commands.crops", "qcloop.commands.train",
+    "qcloop.commands.synth", "qcloop.commands.eval", "qcloop.commands.crops", "qcloop.commands.train",
     "qcloop.commands.models", "qcloop.commands.embed",
     "qcloop.commands.demo", "qcloop.commands.files",
 )

@@ -320,6 +320,58 @@ def score_table(scores: Sequence[ImageScore]) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([pooled, mean], columns=list(SCORE_COLUMNS))], ignore_index=True)
 
 
+def score_groups(m: Matching, truth_group: Sequence[str] | np.ndarray,
+                 unmatched_group: Sequence[str] | np.ndarray | None = None, name: str = "") -> dict[str, ImageScore]:
+    """Scores per group of truth objects (e.g. per particle class or size population).
+
+    A truth object belongs to its group; a matched prediction to its partner's group; an
+    unmatched (not ignored) prediction to the group of the kept truth object holding most of its
+    pixels, else to ``unmatched_group[i]`` when given (``""`` or None: to no group; it then
+    counts only in the image's overall score).
+
+    Parameters
+    ----------
+    m : Matching
+    truth_group : sequence of str, shape (len(m.truth_ids),)
+    unmatched_group : sequence of str, shape (len(m.pred_ids),), optional
+
+    Returns
+    -------
+    dict of str to ImageScore
+        One score per group named in ``truth_group`` (``n_pred`` = its predictions counted at 0.5).
+    """
+    tg = np.asarray(truth_group, dtype=object)
+    if len(tg) != len(m.truth_ids):
+        raise ValueError(f"truth_group has {len(tg)} entries for {len(m.truth_ids)} truth objects")
+    pred_group = (np.asarray(unmatched_group, dtype=object).copy() if unmatched_group is not None
+                  else np.full(len(m.pred_ids), "", dtype=object))
+    if len(m.truth_ids):
+        pos = np.searchsorted(m.truth_ids, m.pred_truth).clip(0, len(m.truth_ids) - 1)
+        on_kept = m.truth_ids[pos] == m.pred_truth
+        pred_group[on_kept] = tg[pos[on_kept]]
+    counts: dict[str, list[list[int]]] = {g: [[], [], []] for g in dict.fromkeys(tg)}
+    iou_sums = dict.fromkeys(counts, 0.0)
+    n_pred = dict.fromkeys(counts, 0)
+    for k, thr in enumerate(THRESHOLDS):
+        t_idx, p_idx, iou = m.matched(thr)
+        groups_p = pred_group.copy()
+        groups_p[p_idx] = tg[t_idx]
+        unmatched = np.ones(len(m.pred_ids), bool)
+        unmatched[p_idx] = False
+        fp_mask = unmatched & ~m.pred_ignorable
+        for g, (tp, fp, fn) in counts.items():
+            hit = tg[t_idx] == g
+            tp.append(int(np.count_nonzero(hit)))
+            fp.append(int(np.count_nonzero(fp_mask & (groups_p == g))))
+            fn.append(int(np.count_nonzero(tg == g)) - tp[-1])
+            if k == 0:
+                iou_sums[g] = float(iou[hit].sum())
+                n_pred[g] = tp[-1] + fp[-1]
+    return {g: ImageScore(name=f"{name}:{g}" if name else str(g), n_images=1, n_truth=int(np.count_nonzero(tg == g)),
+                          n_pred=n_pred[g], tp=tuple(c[0]), fp=tuple(c[1]), fn=tuple(c[2]), iou_sum=iou_sums[g])
+            for g, c in counts.items()}
+
+
 def pieces_per_truth(m: Matching, *, min_cover: float = 0.1) -> np.ndarray:
     """Number of predictions each kept truth object is cut into.
 
@@ -363,6 +415,22 @@ def truth_from_binary(mask: np.ndarray) -> np.ndarray:
         return label(mask != 0, connectivity=1).astype(np.int32)
     labels = _check_labels(mask, "truth")
     return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def crop_truth(truth: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Truth drawn on the full frame, cut to the analysed rows of a prediction.
+
+    Predictions cover only the rows above the microscope's info banner; a truth image of the
+    full frame (same width, more rows) loses its bottom rows (objects cut there keep their
+    visible part). Any other shape mismatch raises ``ValueError``.
+    """
+    truth = np.asarray(truth)
+    if truth.shape == tuple(shape):
+        return truth
+    if truth.ndim == 2 and len(shape) == 2 and truth.shape[1] == shape[1] and truth.shape[0] > shape[0]:
+        return truth[: shape[0]]
+    raise ValueError(f"truth of shape {truth.shape} does not fit a prediction of shape {tuple(shape)} "
+                     "(only a truth with extra banner rows at the bottom is cut to fit)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,11 +21,18 @@ Bright particles on a darker substrate, as in a secondary-electron (SE) image:
 * optionally the microscope's info banner at the bottom: a black band with white text-like
   blocks and a scale bar (rows below ``analysed_height_px``).
 
+``contrast="dark"`` draws the same particles as a transmission image (TSEM, bright-field TEM):
+dark particles on a bright substrate, darkest where they are thickest, optionally with a bright
+Fresnel-like fringe just outside the outline (``halo``). ``halo`` on a bright image adds a bright
+fringe outside every particle (the SE edge effect spilling onto the substrate). Both are off by
+default: a spec without them gives exactly the pixels it gave before they existed.
+
 Shapes
 ------
 Every particle is a signed distance function (SDF) in its own frame, so the outline is drawn
 anti-aliased at sub-pixel precision. Faceted classes (``cube``, ``triangle``,
-``truncated_triangle``, ``rod``) are convex polygons whose corners are rounded by the
+``truncated_triangle``, ``rod``, ``bipyramid``: an elongated rhombus, the outline of a
+bipyramid lying on its side) are convex polygons whose corners are rounded by the
 ``rounding`` parameter: 0 = sharp corners, 1 = corner radius equal to the in-radius, i.e. a
 disc for cubes and triangles and a stadium (capsule) for rods. A "synthesis progress" series
 goes from rounded blobs to sharp cubes and triangles by lowering ``rounding``::
@@ -39,6 +46,10 @@ Fused classes are unions of discs: ``dumbbell`` (2 lobes), ``trimer`` (3 lobes, 
 Sizes: each particle's equivalent circular diameter (ECD, of the whole particle, in nm) is drawn
 from a log-normal distribution with mean ``mean_ecd_nm`` and coefficient of variation
 ``size_cv``; the shape is scaled so that its area is exactly ``pi/4 * ECD**2``.
+
+Mixed sizes: ``populations`` adds particles of other classes and sizes (e.g. 10 px dots beside
+300 px triangles), each with its own size distribution and coverage; they are placed after the
+spec's own particles, so they fill the gaps and touch the large ones.
 
 Placement: a particle is placed *free* (at least ``gap_px`` from every other), *touching* (slid
 towards an already placed particle until contact, gap < 1 px) or *overlapping* (slid further
@@ -72,8 +83,32 @@ CLASSES = (
     "dumbbell",
     "trimer",
     "aggregate",
+    "bipyramid",
 )
 """Particle classes the generator can draw."""
+
+BENCH_CLASSES = (
+    "sphere",
+    "cube",
+    "triangle",
+    "truncated_triangle",
+    "rod",
+    "bipyramid",
+    "dumbbell",
+    "trimer",
+)
+"""The 8 classes of the segmentation benchmark (``bench/segmentation.py``).
+
+Every class the product promises to segment as one particle: the convex ones (cube, triangle,
+truncated triangle, rod, bipyramid, sphere) and the fused lobes of the Konstanz series (dumbbell,
+trimer). ``aggregate`` is left out: 4-8 fused lobes of mixed size with a seam between each pair
+is an agglomerate of primary particles, and whether it is one particle or several has no single
+right answer (the segmenter is asked to cut touching particles where the image shows a contact
+line, which is what an aggregate's seams are), so it cannot be scored as one instance.
+"""
+
+CONTRASTS = ("bright", "dark")
+"""``bright``: SE image, bright particles on a darker substrate; ``dark``: transmission-like."""
 
 TRUTH_COLUMNS = (
     "particle",
@@ -93,6 +128,7 @@ TRUTH_COLUMNS = (
     "n_contacts",
     "visible_fraction",
     "touches_border",
+    "population",
 )
 """Columns of :attr:`SynthImage.truth`.
 
@@ -109,7 +145,47 @@ placement : str, ``free`` / ``touching`` / ``overlapping``
 n_contacts : int, number of other particles within 1.5 px of the outline (or overlapping)
 visible_fraction : float, visible px / whole-shape px (occlusion, border and banner cuts)
 touches_border : bool, the whole shape is cut by the image edge or the banner
+population : int, 0 = the spec's own population, k = ``spec.populations[k - 1]``
 """
+
+
+@dataclass(frozen=True)
+class Population:
+    """An extra particle population drawn into the same image (mixed sizes).
+
+    Parameters
+    ----------
+    class_mix : mapping of str to float
+        Relative frequency of each class of this population (keys from :data:`CLASSES`).
+    mean_ecd_nm, size_cv : float
+        Log-normal ECD distribution of this population.
+    coverage : float
+        Area fraction of the analysed region this population covers (sets its count).
+    """
+
+    class_mix: Mapping[str, float]
+    mean_ecd_nm: float
+    size_cv: float = 0.08
+    coverage: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_class_mix(self.class_mix)
+        if not self.mean_ecd_nm > 0:
+            raise ValueError(f"population mean_ecd_nm must be positive, got {self.mean_ecd_nm!r}")
+        if not 0 <= self.size_cv < 1:
+            raise ValueError(f"population size_cv must be in [0, 1), got {self.size_cv!r}")
+        if not 0 <= self.coverage <= 1:
+            raise ValueError(f"population coverage must be in [0, 1], got {self.coverage!r}")
+
+
+def _check_class_mix(class_mix: Mapping[str, float]) -> None:
+    unknown = set(class_mix) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"unknown particle class(es) {sorted(unknown)}; known: {', '.join(CLASSES)}")
+    weights = list(class_mix.values())
+    if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"class_mix needs non-negative weights with a positive sum, got {dict(class_mix)}")
+
 
 
 # ============================================================================ spec
@@ -149,7 +225,8 @@ class SynthSpec:
     background, particle_level, edge_gain : float
         Substrate grey level, particle grey level above it, SE edge brightening (intensity 0..1).
     edge_width_px : float, optional
-        Decay length of the edge brightening; default 12 % of the mean ECD in px (≥ 1.5).
+        Decay length of the edge brightening; default 12 % of the mean ECD in px (≥ 1.5), of
+        each population's own mean ECD for ``populations``.
     rim_dark : float
         Darkening of the outermost ~1 px of every particle (decay length 0.9 px): the dark
         crevice seen where touching particles meet (secondary electrons cannot escape there).
@@ -164,6 +241,24 @@ class SynthSpec:
         Minimal gap between *free* particles.
     max_particles : int
         Safety cap on ``n_particles``.
+    contrast : {"bright", "dark"}
+        ``bright`` (default): the SE image described in the module docstring. ``dark``: a
+        transmission-like image (TSEM, bright-field TEM) of the same particles: substrate at
+        ``1 - background``, particles ``particle_level`` darker, darkest in the middle (thickness:
+        the outer ``edge_width_px`` are up to 45 % lighter), no SE rims; the same seed gives the
+        same particles and labels in both contrasts.
+    halo : float
+        Bright fringe on the substrate just outside every particle, ``halo * exp(-d /
+        halo_width_px)`` at distance ``d`` from the outline: the Fresnel fringe of an under-focused
+        TEM image (``dark``) or a spill-over of the SE edge effect (``bright``). 0 (default): none.
+    halo_width_px : float
+        Decay length of the halo.
+    populations : tuple of Population
+        Extra populations of other classes and sizes in the same image (e.g. 10 px dots beside
+        300 px triangles), placed after the spec's own particles; ``truth.population`` says which.
+    bipyramid_aspect : float
+        Mean long / short diagonal of the ``bipyramid`` outline (an elongated rhombus, ±15 % per
+        particle).
     """
 
     width_px: int = 1024
@@ -192,18 +287,18 @@ class SynthSpec:
     dose: float = 120.0
     gap_px: float = 3.0
     max_particles: int = 5000
+    contrast: str = "bright"
+    halo: float = 0.0
+    halo_width_px: float = 1.5
+    populations: tuple[Population, ...] = ()
+    bipyramid_aspect: float = 2.2
 
     def __post_init__(self) -> None:
         if self.width_px < 16 or self.height_px < 16:
             raise ValueError(f"image must be at least 16x16 px, got {self.width_px}x{self.height_px}")
         if not (self.pixel_size_nm > 0 and math.isfinite(self.pixel_size_nm)):
             raise ValueError(f"pixel_size_nm must be positive, got {self.pixel_size_nm!r}")
-        unknown = set(self.class_mix) - set(CLASSES)
-        if unknown:
-            raise ValueError(f"unknown particle class(es) {sorted(unknown)}; known: {', '.join(CLASSES)}")
-        weights = list(self.class_mix.values())
-        if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"class_mix needs non-negative weights with a positive sum, got {dict(self.class_mix)}")
+        _check_class_mix(self.class_mix)
         if not self.mean_ecd_nm > 0:
             raise ValueError(f"mean_ecd_nm must be positive, got {self.mean_ecd_nm!r}")
         if not 0 <= self.size_cv < 1:
@@ -229,6 +324,14 @@ class SynthSpec:
             raise ValueError(f"dose must be positive, got {self.dose!r}")
         if self.banner_rows is not None and not 0 <= self.banner_rows < self.height_px - 8:
             raise ValueError(f"banner_rows must be in [0, height_px - 8), got {self.banner_rows}")
+        if self.contrast not in CONTRASTS:
+            raise ValueError(f"contrast must be one of {CONTRASTS}, got {self.contrast!r}")
+        if not (self.halo >= 0 and self.halo_width_px > 0):
+            raise ValueError(f"halo must be >= 0 and halo_width_px > 0, got {self.halo!r}, {self.halo_width_px!r}")
+        if any(not isinstance(p, Population) for p in self.populations):
+            raise ValueError("populations must be a tuple of qcloop.synth.Population")
+        if self.bipyramid_aspect < 1:
+            raise ValueError(f"bipyramid_aspect must be >= 1, got {self.bipyramid_aspect!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -473,6 +576,12 @@ def _make_shape(cls: str, rounding: float, spec: SynthSpec, rng: np.random.Gener
         n = _regular_normals(4)
         offsets = np.array([aspect, 1.0, aspect, 1.0])
         return _Shape(cls, *_poly_args(_rounded_polygon(n, offsets, rounding), math.hypot(aspect, 1), 1, rounding, aspect))
+    if cls == "bipyramid":
+        # elongated rhombus, in-radius 1: half-diagonals a (long, x) and b with a / b = k
+        k = spec.bipyramid_aspect * rng.uniform(0.85, 1.15)
+        a, b = math.hypot(k, 1.0), math.hypot(k, 1.0) / k
+        n = np.array([[b, a], [-b, a], [-b, -a], [b, -a]]) / math.hypot(a, b)
+        return _Shape(cls, *_poly_args(_rounded_polygon(n, np.ones(4), rounding), a, 1, rounding, k))
     if cls == "dumbbell":
         r = np.array([1.0, rng.uniform(0.8, 1.0)])
         dist = (r[0] + r[1]) * rng.uniform(0.62, 0.78)
@@ -546,6 +655,7 @@ class _Particle:
     ix: int = 0
     iy: int = 0
     placement: str = "free"
+    population: int = 0
 
     @property
     def x(self) -> float:
@@ -613,11 +723,12 @@ class _Canvas:
             self.occ[ys, xs] |= p.sdf[py, px] <= 0
 
 
-def _place(particles: Iterator[_Particle], spec: SynthSpec, rng: np.random.Generator, n_target: int) -> list[_Particle]:
-    """Place particles one by one (free / touching / overlapping); skips those that find no room."""
+def _place(particles: Iterator[_Particle], spec: SynthSpec, rng: np.random.Generator, n_target: int,
+           canvas: _Canvas, placed: list[_Particle]) -> list[_Particle]:
+    """Place particles one by one (free / touching / overlapping) until ``n_target`` more are on
+    ``canvas``; skips those that find no room. Appends to and returns ``placed``."""
     w, h = spec.width_px, spec.analysed_height_px
-    canvas = _Canvas(h, w, 0)
-    placed: list[_Particle] = []
+    n_target = len(placed) + n_target
     probs = np.array([1 - spec.touching_fraction - spec.overlap_fraction, spec.touching_fraction,
                       spec.overlap_fraction])
     probs = np.clip(probs, 0, None)
@@ -741,12 +852,15 @@ def _render(placed: list[_Particle], spec: SynthSpec, rng: np.random.Generator) 
     yy = np.linspace(-0.5, 0.5, h)[:, None]
     xx = np.linspace(-0.5, 0.5, w)[None, :]
     a = rng.uniform(0, 2 * np.pi)
-    img = (spec.background + spec.gradient * (math.cos(a) * xx + math.sin(a) * yy)).astype(np.float32)
+    dark = spec.contrast == "dark"
+    substrate = 1.0 - spec.background if dark else spec.background
+    img = (substrate + spec.gradient * (math.cos(a) * xx + math.sin(a) * yy)).astype(np.float32)
     img = img + np.float32(0.03) * _smooth_field(rng, h, w, 96).astype(np.float32)
     # faint substrate texture (white here, correlated by the beam blur below)
     img += np.float32(0.02) * rng.standard_normal((h, w), dtype=np.float32)
     labels = np.zeros((ha, w), np.int32)
-    edge_w = spec.edge_width_px if spec.edge_width_px is not None else max(1.5, 0.12 * spec.mean_ecd_px)
+    edge_ws = [spec.edge_width_px if spec.edge_width_px is not None else max(1.5, 0.12 * ecd)
+               for ecd in [spec.mean_ecd_px] + [q.mean_ecd_nm / spec.pixel_size_nm for q in spec.populations]]
     light = rng.uniform(0, 2 * np.pi)
     lx, ly = math.cos(light), math.sin(light)
     for idx, p in enumerate(placed, start=1):
@@ -756,13 +870,22 @@ def _render(placed: list[_Particle], spec: SynthSpec, rng: np.random.Generator) 
         ys, xs, py, px = win
         d = p.sdf[py, px]
         cov = np.clip(0.5 - d, 0.0, 1.0).astype(np.float32)
-        # faint dark halo on the substrate (shadowing next to the particle)
-        halo = (0.04 * np.exp(-np.clip(d, 0, None) / 3.0) * (d > 0)).astype(np.float32)
         region = img[ys, xs]
-        region -= halo
+        if not dark:
+            # faint dark halo on the substrate (shadowing next to the particle)
+            halo = (0.04 * np.exp(-np.clip(d, 0, None) / 3.0) * (d > 0)).astype(np.float32)
+            region -= halo
+        if spec.halo > 0:
+            region += (spec.halo * np.exp(-np.clip(d, 0, None) / spec.halo_width_px) * (d > 0)).astype(np.float32)
         inner = np.clip(-d, 0.0, None)
-        level = spec.background + spec.particle_level + 0.02 * rng.standard_normal()
-        val = level + spec.edge_gain * np.exp(-inner / edge_w) - spec.rim_dark * np.exp(-inner / 0.9)
+        edge_w = edge_ws[p.population]
+        jitter = 0.02 * rng.standard_normal()
+        if dark:
+            # transmission: darkest where thickest; the outer edge_w px are up to 45 % lighter
+            val = substrate - (spec.particle_level + jitter) * (1.0 - 0.45 * np.exp(-inner / edge_w))
+        else:
+            level = spec.background + spec.particle_level + jitter
+            val = level + spec.edge_gain * np.exp(-inner / edge_w) - spec.rim_dark * np.exp(-inner / 0.9)
         if p.shape.faceted:
             n = 2 * p.half + 1
             g = (np.arange(n) - p.half)[:, None]
@@ -770,7 +893,8 @@ def _render(placed: list[_Particle], spec: SynthSpec, rng: np.random.Generator) 
             shade = (lx * gx + ly * g)[py, px] / max(p.r_px, 1.0)
             val = val + 0.06 * shade
         if p.seam is not None:
-            val = val - 0.22 * p.seam[py, px]
+            # the neck between fused lobes: a darker seam in SE, a lighter (thinner) one in transmission
+            val = val + 0.22 * p.seam[py, px] if dark else val - 0.22 * p.seam[py, px]
         img[ys, xs] = region * (1 - cov) + cov * val.astype(np.float32)
         lab = labels[ys, xs]
         lab[d <= 0] = idx
@@ -833,6 +957,7 @@ def _truth(placed: list[_Particle], labels: np.ndarray, spec: SynthSpec) -> pd.D
             "n_contacts": len(contacts),
             "visible_fraction": min(vf, 1.0),
             "touches_border": bool(cut),
+            "population": p.population,
         })
     return pd.DataFrame(rows, columns=list(TRUTH_COLUMNS))
 
@@ -861,29 +986,51 @@ def generate_image(spec: SynthSpec, seed: int) -> SynthImage:
     """
     seed = _seed_int(seed)
     rng = np.random.default_rng(seed)
-    probs = spec.class_probabilities()
-    names = list(probs)
-    p = np.array([probs[k] for k in names])
     ha = spec.analysed_height_px
-    sigma = math.sqrt(math.log1p(spec.size_cv ** 2))
-    mu = math.log(spec.mean_ecd_px) - sigma ** 2 / 2
-    if spec.n_particles is not None:
-        n_target = spec.n_particles
-    else:
-        mean_area = math.pi / 4 * spec.mean_ecd_px ** 2 * math.exp(sigma ** 2)
-        n_target = int(round(spec.coverage * spec.width_px * ha / mean_area))
-        n_target = min(n_target, spec.max_particles)
-    # draw a few more candidates than needed; crowded frames drop the ones that do not fit
-    n_cand = int(n_target * 1.3) + 4
-    classes = rng.choice(len(names), size=n_cand, p=p)
-    ecds = np.exp(mu + sigma * rng.standard_normal(n_cand)) if sigma > 0 else np.full(n_cand, spec.mean_ecd_px)
-    ecds = np.maximum(ecds, 3.0)
-    shape_rng = np.random.default_rng([seed, 1])
-    particles = (_build_particle(names[c], spec, shape_rng, float(e)) for c, e in zip(classes, ecds))
-    placed = _place(particles, spec, rng, n_target)
+    n_target = spec.n_particles if spec.n_particles is not None else _count_for(
+        spec.coverage, spec.mean_ecd_px, spec.size_cv, spec.width_px * ha, spec.max_particles)
+    particles = _candidates(spec.class_probabilities(), spec.mean_ecd_px, spec.size_cv, n_target, spec, rng,
+                            np.random.default_rng([seed, 1]), population=0)
+    canvas = _Canvas(ha, spec.width_px, 0)
+    placed = _place(particles, spec, rng, n_target, canvas, [])
+    for k, pop in enumerate(spec.populations, start=1):
+        # own generators per population: the spec's own particles stay as they are without it
+        pop_rng = np.random.default_rng([seed, 2, k])
+        ecd_px = pop.mean_ecd_nm / spec.pixel_size_nm
+        n_pop = _count_for(pop.coverage, ecd_px, pop.size_cv, spec.width_px * ha, spec.max_particles)
+        total = sum(pop.class_mix.values())
+        probs = {c: w / total for c, w in pop.class_mix.items() if w > 0}
+        cands = _candidates(probs, ecd_px, pop.size_cv, n_pop, spec, pop_rng, np.random.default_rng([seed, 3, k]),
+                            population=k)
+        placed = _place(cands, spec, pop_rng, n_pop, canvas, placed)
     pixels, labels = _render(placed, spec, rng)
     truth = _truth(placed, labels, spec)
     return SynthImage(pixels=pixels, truth=truth, labels=labels, spec=spec, seed=seed)
+
+
+def _count_for(coverage: float, mean_ecd_px: float, size_cv: float, area_px: float, cap: int) -> int:
+    """Number of particles of a log-normal ECD distribution that cover ``coverage`` of ``area_px``."""
+    sigma2 = math.log1p(size_cv ** 2)
+    mean_area = math.pi / 4 * mean_ecd_px ** 2 * math.exp(sigma2)
+    return min(int(round(coverage * area_px / mean_area)), cap)
+
+
+def _candidates(probs: Mapping[str, float], mean_ecd_px: float, size_cv: float, n_target: int, spec: SynthSpec,
+                rng: np.random.Generator, shape_rng: np.random.Generator, population: int) -> Iterator[_Particle]:
+    """Lazily built candidate particles: classes and log-normal ECDs drawn from ``rng`` now."""
+    names = list(probs)
+    p = np.array([probs[k] for k in names])
+    sigma = math.sqrt(math.log1p(size_cv ** 2))
+    mu = math.log(mean_ecd_px) - sigma ** 2 / 2
+    # draw a few more candidates than needed; crowded frames drop the ones that do not fit
+    n_cand = int(n_target * 1.3) + 4
+    classes = rng.choice(len(names), size=n_cand, p=p)
+    ecds = np.exp(mu + sigma * rng.standard_normal(n_cand)) if sigma > 0 else np.full(n_cand, mean_ecd_px)
+    ecds = np.maximum(ecds, 3.0)
+    for c, e in zip(classes, ecds):
+        particle = _build_particle(names[c], spec, shape_rng, float(e))
+        particle.population = population
+        yield particle
 
 
 def generate_images(spec: SynthSpec, n_images: int, seed: int) -> Iterator[SynthImage]:
@@ -941,7 +1088,9 @@ def write_image(path: str | Path, synth: SynthImage, *, write_labels: bool = Fal
     path : path
         ``*.tif``; the truth goes to the same stem with ``.csv``.
     write_labels : bool
-        Also write ``<stem>_labels.tif`` (int32 visible-particle labels).
+        Also write ``<stem>_labels.tif``: the visible-particle labels of the analysed rows,
+        uint16 (uint32 above 65535 particles), 0 = background, value = the truth CSV's
+        ``particle`` (:func:`qcloop.labels_io.write_label_tiff`, one page).
 
     Returns
     -------
@@ -958,8 +1107,9 @@ def write_image(path: str | Path, synth: SynthImage, *, write_labels: bool = Fal
     csv = path.with_suffix(".csv")
     synth.truth.to_csv(csv, index=False, float_format="%.4f")
     if write_labels:
-        tifffile.imwrite(path.with_name(path.stem + "_labels.tif"), synth.labels, photometric="minisblack",
-                         metadata=None, software=False, compression="zlib")
+        from qcloop.labels_io import write_label_tiff
+
+        write_label_tiff(path.with_name(path.stem + "_labels.tif"), synth.labels)
     return path, csv
 
 

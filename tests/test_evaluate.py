@@ -237,3 +237,35 @@ def test_score_columns_list_every_row_key():
 
     s = evaluate_labels(_truth(), _truth())
     assert tuple(s.as_row()) == SCORE_COLUMNS
+
+
+def test_scores_per_group_add_up_to_the_image_score():
+    from qcloop.evaluate import score_groups
+
+    t = _truth()
+    p = t.copy()
+    p[0:4, 3] = 9  # split A (group "big"): the 4 px piece is a false positive of "big"
+    p[8:10, 0:3] = 4  # extra on background: no group unless a fallback is given
+    m = match_labels(t, p)
+    groups = score_groups(m, ["big", "small", "small"])
+    assert (groups["big"].tp[0], groups["big"].fp[0], groups["big"].fn[0]) == (1, 1, 0)
+    assert (groups["small"].tp[0], groups["small"].fp[0], groups["small"].fn[0]) == (2, 0, 0)
+    assert groups["big"].tp[6] == 0 and groups["big"].fp[6] == 2  # at 0.8 A is unmatched: both pieces FP
+    whole = evaluate_labels(t, p)
+    assert sum(g.fp[0] for g in groups.values()) == whole.fp[0] - 1
+    fallback = ["small" if a < 10 else "big" for a in m.pred_area]
+    with_fb = score_groups(m, ["big", "small", "small"], fallback)
+    assert with_fb["small"].fp[0] == 1 and with_fb["small"].precision == pytest.approx(2 / 3)
+    assert sum(g.fp[0] for g in with_fb.values()) == whole.fp[0]
+    assert with_fb["big"].mean_iou == pytest.approx(0.75)
+
+
+def test_crop_truth_drops_banner_rows_only():
+    from qcloop.evaluate import crop_truth
+
+    t = np.arange(12).reshape(4, 3)
+    assert crop_truth(t, (3, 3)).tolist() == t[:3].tolist()
+    assert crop_truth(t, (4, 3)) is t
+    for bad in ((5, 3), (4, 2)):
+        with pytest.raises(ValueError, match="does not fit"):
+            crop_truth(t, bad)

@@ -212,3 +212,148 @@ def test_match_centroids_is_one_to_one_within_the_limit():
     assert sorted(pairs) == [(0, 0), (2, 1)]
     assert match_centroids(det, truth, max_dist=10.0) == [(0, 0), (2, 1), (4, 2)]
     assert match_centroids(np.zeros((0, 2)), truth, 5.0) == []
+
+
+# ---------------------------------------------------------------- contrast, halos, mixed sizes, labels
+_OLD_CLASSES = ("sphere", "cube", "triangle", "truncated_triangle", "rod", "dumbbell", "trimer", "aggregate")
+# sha256 (first 16 hex digits) of pixels + labels + truth CSV (columns of that time), computed on main
+# at commit 94767b4, before contrast / halo / populations / bipyramid existed
+_GOLDEN = {
+    "all_classes_banner": "3e3d15aba8ea3a0d",
+    "default": "9734f172bbab205e",
+    "cube_rod_touch_u16": "ff00d3db7a472474",
+    "lobed_round": "f1568348a42f4282",
+}
+
+
+def _digest(s) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(s.pixels.tobytes())
+    h.update(s.labels.tobytes())
+    old = s.truth[[c for c in s.truth.columns if c != "population"]]
+    h.update(old.to_csv(index=False, float_format="%.4f").encode())
+    return h.hexdigest()[:16]
+
+
+def test_existing_specs_give_the_same_images_as_before():
+    cases = {
+        "all_classes_banner": (SynthSpec(class_mix={c: 1.0 for c in _OLD_CLASSES}, banner=True, width_px=320,
+                                         height_px=240), 7),
+        "default": (SynthSpec(width_px=400, height_px=300), 0),
+        "cube_rod_touch_u16": (SynthSpec(class_mix={"cube": 1.0, "rod": 3.0}, touching_fraction=0.4,
+                                         overlap_fraction=0.1, n_particles=60, mean_ecd_nm=40.0, width_px=384,
+                                         height_px=256, dtype="uint16"), 3),
+        "lobed_round": (SynthSpec(class_mix={"dumbbell": 1, "trimer": 1, "aggregate": 1, "triangle": 1},
+                                  rounding=0.4, n_particles=30, width_px=320, height_px=240,
+                                  dose=float("inf")), 5),
+    }
+    got = {k: _digest(generate_image(spec, seed)) for k, (spec, seed) in cases.items()}
+    assert got == _GOLDEN
+    batch = generate_batch(45.0, 0.12, {"sphere": 0.8, "rod": 0.2}, n_images=1, seed=9, width_px=320, height_px=240)
+    assert _digest(batch[0]) == "1f381814292defaf"
+
+
+def test_dark_contrast_draws_the_same_particles_as_transmission():
+    base = dict(class_mix={"sphere": 1, "triangle": 1, "dumbbell": 1}, n_particles=40, mean_ecd_nm=80.0,
+                touching_fraction=0.3, width_px=512, height_px=384, dose=float("inf"))
+    bright = generate_image(SynthSpec(**base), 4)
+    dark = generate_image(SynthSpec(contrast="dark", **base), 4)
+    assert np.array_equal(bright.labels, dark.labels)
+    pd.testing.assert_frame_equal(bright.truth, dark.truth)
+    img, lab = dark.pixels.astype(float), dark.labels
+    assert img[lab > 0].mean() < img[lab == 0].mean() - 50  # dark particles on a bright substrate
+    d = ndi.distance_transform_edt(lab > 0)
+    inner = dark.truth[~dark.truth["touches_border"]]
+    edge, core = [], []
+    for p, r in zip(inner["particle"], inner["ecd_px"] / 2):
+        m = lab == p
+        edge.append(img[m & (d > 1.5) & (d <= 3)].mean())
+        core.append(img[m & (d > 0.6 * r)].mean())
+    assert np.mean(edge) > np.mean(core) + 10  # thinner near the edge: lighter, and no bright SE rim
+    with pytest.raises(ValueError, match="contrast"):
+        SynthSpec(contrast="grey")
+
+
+@pytest.mark.parametrize("contrast", ["bright", "dark"])
+def test_halo_is_a_bright_fringe_just_outside_the_particles(contrast):
+    base = dict(class_mix={"cube": 1}, n_particles=30, mean_ecd_nm=80.0, touching_fraction=0.0, overlap_fraction=0.0,
+                width_px=512, height_px=384, dose=float("inf"), contrast=contrast)
+    plain = generate_image(SynthSpec(**base), 6)
+    halo = generate_image(SynthSpec(halo=0.2, halo_width_px=1.5, **base), 6)
+    out = ndi.distance_transform_edt(plain.labels == 0)
+    ring, far = (out > 1) & (out <= 3), out > 12
+    gain = halo.pixels.astype(float) - plain.pixels.astype(float)
+    assert gain[ring].mean() > 15 and abs(gain[far].mean()) < 1
+    assert np.array_equal(plain.labels, halo.labels)
+
+
+def test_mixed_size_populations_are_placed_with_their_own_sizes():
+    from qcloop.synth import Population
+
+    spec = SynthSpec(class_mix={"triangle": 1}, mean_ecd_nm=600.0, coverage=0.3, touching_fraction=0.3,
+                     populations=(Population({"sphere": 1}, 20.0, coverage=0.02),), width_px=1024, height_px=768)
+    s = generate_image(spec, 1)
+    t = s.truth
+    big, dots = t[t["population"] == 0], t[t["population"] == 1]
+    assert len(big) >= 2 and len(dots) >= 150
+    assert set(big["class"]) == {"triangle"} and set(dots["class"]) == {"sphere"}
+    assert big["ecd_px"].mean() / dots["ecd_px"].mean() > 20
+    visible = np.bincount(s.labels.ravel(), minlength=len(t) + 1)[1:]
+    assert (visible[dots["particle"].to_numpy() - 1] > 0).mean() > 0.95  # dots are drawn, not hidden
+    # the large particles are the ones drawn without the extra population
+    alone = generate_image(SynthSpec(class_mix={"triangle": 1}, mean_ecd_nm=600.0, coverage=0.3,
+                                     touching_fraction=0.3, width_px=1024, height_px=768), 1).truth
+    assert np.allclose(alone[["centroid_x_px", "centroid_y_px"]], big[["centroid_x_px", "centroid_y_px"]])
+    again = generate_image(spec, 1)
+    assert np.array_equal(again.pixels, s.pixels)
+
+
+def test_bipyramid_is_an_elongated_convex_rhombus():
+    from skimage.measure import regionprops
+
+    spec = SynthSpec(class_mix={"bipyramid": 1}, rounding=0.0, rounding_jitter=0.0, mean_ecd_nm=100.0,
+                     n_particles=20, touching_fraction=0, overlap_fraction=0, width_px=512, height_px=512,
+                     bipyramid_aspect=2.2)
+    s = generate_image(spec, 2)
+    t = s.truth[~s.truth["touches_border"]]
+    assert len(t) >= 8 and t["aspect_ratio"].between(2.2 * 0.85, 2.2 * 1.15).all()
+    for p, k in zip(t["particle"], t["aspect_ratio"]):
+        r = regionprops((s.labels == p).astype(np.uint8))[0]
+        assert r.solidity > 0.95
+        # a rhombus's second-moment axes are in the ratio of its diagonals
+        assert r.axis_major_length / r.axis_minor_length == pytest.approx(k, rel=0.08)
+
+
+def test_label_tiff_beside_the_image_holds_the_truth_ids(tmp_path):
+    from qcloop.labels_io import is_label_tiff, read_label_tiff
+
+    s = generate_image(SynthSpec(class_mix={"sphere": 1, "cube": 1}, banner=True, **SMALL), 3)
+    tif, _ = write_image(tmp_path / "x.tif", s, write_labels=True)
+    lab_path = tmp_path / "x_labels.tif"
+    assert is_label_tiff(lab_path) and not is_label_tiff(tif)
+    back = read_label_tiff(lab_path)
+    assert back.labels.dtype == np.uint16 and back.lobe_labels is None
+    assert back.labels.shape == (s.analysed_height_px, s.spec.width_px)
+    assert np.array_equal(back.labels, s.labels)
+    present = set(np.unique(back.labels)) - {0}
+    assert present <= set(read_truth(tif)["particle"]) and len(present) > 10
+
+
+def test_cli_dark_mixed_population_with_labels(tmp_path, capsys):
+    from qcloop.cli import main
+    from qcloop.labels_io import read_label_tiff
+
+    rc = main(["synth", "--out", str(tmp_path), "--classes", "triangle", "--mean-ecd-nm", "300", "--coverage", "0.3",
+               "--population", "sphere+cube:16:0.03", "--contrast", "dark", "--halo", "0.1", "--labels",
+               "--width", "320", "--height", "240"])
+    assert rc == 0
+    truth = read_truth(tmp_path / "synth_0_000.tif")
+    assert set(truth["class"][truth["population"] == 1]) == {"sphere", "cube"}
+    img = tifffile.imread(tmp_path / "synth_0_000.tif")
+    lab = read_label_tiff(tmp_path / "synth_0_000_labels.tif").labels
+    assert img[lab > 0].mean() < img[lab == 0].mean()
+    for bad in ("sphere:20", "sphere:x:0.1", "blob:20:0.1"):
+        assert main(["synth", "--out", str(tmp_path), "--population", bad]) == 2
+    assert "--population" in capsys.readouterr().err

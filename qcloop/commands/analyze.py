@@ -1,4 +1,4 @@
-"""``qcloop analyze PATH... --out DIR [--config FILE] [--overlays]``.
+"""``qcloop analyze PATH... --out DIR [--config FILE] [--overlays] [--labels]``.
 
 Segments and measures every particle of every image; writes ``particles.csv``, ``images.csv``
 (and ``failed.csv`` when some file could not be read) and, with ``--overlays``,
@@ -6,7 +6,11 @@ Segments and measures every particle of every image; writes ``particles.csv``, `
 (``rois/<image>.zip``) / ``coco.json`` with RLE masks (see :mod:`qcloop.exports`).
 ``--pixel-size-nm NM`` gives the pixel size of images whose file has none (else their sizes are
 in px, with a warning on stderr). ``--cluster`` analyses the images on a Dask cluster (same
-output; docs/archive.md). A bad file is reported and skipped; exit code 1 if any failed.
+output; docs/archive.md). With ``--labels``: ``labels/<image>.tif``, a two-page uint16 TIFF
+(uint32 above 65535 labels) of the analysed rows: page 1 the particles (0 = background, value
+= ``particle_id`` of particles.csv), page 2 their lobes (see :mod:`qcloop.labels_io`); it opens in
+Fiji / napari and ``qcloop eval`` scores it. A bad file is reported and skipped; exit code 1 if
+any failed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", action="append", default=[], choices=EXPORT_FORMATS, metavar="|".join(EXPORT_FORMATS),
                    help="also write rois/<image>.zip (ImageJ ROI sets) or coco.json (RLE masks); repeatable")
     add_cluster_argument(p)
+    p.add_argument("--labels", action="store_true", help="write labels/<image>.tif (particles; lobes on page 2)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         (out / "overlays").mkdir(exist_ok=True)
 
     exports = Exports(out, args.export)
-    work = [(path, args.overlays, bool(exports.formats)) for path in images]
+    work = [(path, args.overlays, bool(exports.formats) or args.labels) for path in images]
     if args.cluster:
         from qcloop.cluster import map_images
 
@@ -90,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         summaries.append(r["summary"])
         if r["result"] is not None:
             exports.add(r["result"])
+            if args.labels:
+                from qcloop.labels_io import write_result_labels
+
+                write_result_labels(out / "labels", r["result"])
         if r["overlay"] is not None:
             (out / "overlays" / f"{r['name']}.png").write_bytes(r["overlay"])
 

@@ -3,6 +3,15 @@
 Writes synthetic SEM images (``synth_<seed>_<i>.tif``, Zeiss CZ_SEM pixel-size metadata) and a
 ground-truth CSV beside each one (see :mod:`qcloop.synth`). ``--classes`` takes class names,
 optionally weighted: ``--classes sphere:0.7 rod:0.3``.
+
+``--contrast dark`` draws transmission-like images (dark particles on a bright substrate),
+``--halo 0.15`` a bright fringe just outside every particle, ``--labels`` a label image
+``<name>_labels.tif`` beside each image (uint16, 0 = background, value = the CSV's ``particle``).
+Mixed sizes: ``--population CLASSES:ECD_NM:COVERAGE`` adds another population (repeatable;
+classes joined by ``+``), e.g. 300 px triangles with 10 px dots at 2 nm/px::
+
+    qcloop synth --out mixed --classes triangle --mean-ecd-nm 600 --coverage 0.3 \
+        --population sphere:20:0.02 --contrast dark --labels
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from qcloop.errors import QcloopError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from qcloop.synth import CLASSES
+    from qcloop.synth import CLASSES, CONTRASTS
 
     p = sub.add_parser("synth", help="write synthetic SEM images with ground truth",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--banner", action="store_true", help="draw an info banner at the bottom")
     p.add_argument("--uint16", action="store_true", help="write 16-bit images")
     p.add_argument("--labels", action="store_true", help="also write <name>_labels.tif (visible-particle labels)")
+    p.add_argument("--contrast", choices=CONTRASTS, default="bright",
+                   help="bright: SE image (default); dark: transmission-like, dark particles on bright")
+    p.add_argument("--halo", type=float, default=0.0, metavar="A",
+                   help="bright fringe just outside every particle, intensity 0..1 (default 0: none)")
+    p.add_argument("--population", action="append", default=[], metavar="CLASSES:ECD_NM:COVERAGE",
+                   help="add a population of other classes/size, e.g. sphere:20:0.02 (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -55,6 +70,24 @@ def parse_classes(items: list[str]) -> dict[str, float]:
     return mix
 
 
+def parse_population(text: str):
+    """``"sphere+cube:20:0.02"`` → ``Population({"sphere": 1, "cube": 1}, 20.0, coverage=0.02)``."""
+    from qcloop.synth import Population
+
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        classes, ecd, coverage = parts[0].split("+"), float(parts[1]), float(parts[2])
+    except ValueError:
+        raise QcloopError(f"--population: bad value {text!r} (expected CLASSES:ECD_NM:COVERAGE, "
+                          "e.g. sphere:20:0.02)") from None
+    try:
+        return Population({c.strip(): 1.0 for c in classes}, ecd, coverage=coverage)
+    except ValueError as exc:
+        raise QcloopError(f"--population {text!r}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from qcloop.synth import SynthSpec, generate_images, write_image
 
@@ -66,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                          size_cv=args.size_cv, rounding=args.rounding, n_particles=args.n_particles,
                          coverage=args.coverage, touching_fraction=args.touching,
                          overlap_fraction=args.overlap, banner=args.banner,
-                         dtype="uint16" if args.uint16 else "uint8")
+                         dtype="uint16" if args.uint16 else "uint8", contrast=args.contrast, halo=args.halo,
+                         populations=tuple(parse_population(t) for t in args.population))
     except ValueError as exc:
         raise QcloopError(f"synth: {exc}") from None
     out: Path = args.out
