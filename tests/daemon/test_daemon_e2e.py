@@ -227,8 +227,8 @@ def test_malformed_files_are_quarantined_and_good_ones_processed(tmp_path: Path,
         for e in errors:
             q = Path(e["quarantine_path"])
             assert q.parent == qdir and q.exists()
-            info = json.loads(q.with_name(q.name + ".reason.json").read_text())
-            assert info["reason"] == e["message"] and info["action"] == "moved"
+            info = json.loads((qdir / f"{e['image_id']:06d}.reason.json").read_text())
+            assert info["reason"] == e["message"] and info["action"] == "moved" and info["file"] == q.name
         assert sorted(p.name for p in watch.iterdir()) == sorted(f"G_{k:03d}.tif" for k in range(0, 30, 3))
         # still alive: one more good image goes through
         write_image(watch / "G_after.tif", 1234)

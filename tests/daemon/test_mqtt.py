@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from daemon_helpers import Broker, Recorder, clear_retained, validator, wait_until
 from qcloop.config import MqttConfig
 from qcloop.daemon.ledger import Ledger
+from qcloop.daemon.messages import status_payload
 from qcloop.daemon.metrics import DaemonMetrics
 from qcloop.daemon.mqtt import MqttLink
 from qcloop.daemon.outbox import OutMessage
@@ -18,9 +19,8 @@ from qcloop.daemon.outbox import OutMessage
 pytestmark = pytest.mark.broker
 
 
-def _status(state: str) -> dict:
-    return {"schema_version": 1, "state": state, "line_id": "t1", "version": "0.1.0",
-            "config_hash": "0123456789ab", "time": "2025-01-01T00:00:00.000+00:00"}
+def _status(state: str, cause: str, will: bool = False) -> dict:
+    return status_payload("t1", "0123456789ab", state, cause, will=will)
 
 
 def _link(tmp_path: Path, cfg: MqttConfig, prefix: str, metrics: DaemonMetrics | None = None) -> tuple[MqttLink, Ledger]:
