@@ -54,7 +54,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: pipeline stages timed in ``qcloop_stage_seconds{stage}`` (``qcloop.pipeline.Pipeline.analyze``)
 STAGES = ("load", "segment", "lobes", "measure", "embed", "classify")
-WATCH_PROBLEMS = ("symlink-loop", "dangling-link", "outside-link", "unreadable")
+WATCH_PROBLEMS = ("symlink-loop", "dangling-link", "outside-link", "not-a-file", "unreadable")
 RETENTION_KINDS = ("particles", "rows", "inbox", "quarantine", "seen")
 
 # stage latencies from 50 ms (tiny image, classical) to 10 min (SAM auto mode on CPU)

@@ -109,7 +109,7 @@ class Watcher:
         Folders never reported (the state directory when it lies inside the watched folder).
     on_problem : callable, optional
         ``on_problem(kind, path_text, message)`` once per path the watcher will not follow
-        (``symlink-loop``, ``dangling-link``, ``outside-link``, ``unreadable``); from the
+        (``symlink-loop``, ``dangling-link``, ``outside-link``, ``not-a-file``, ``unreadable``); from the
         watcher's threads: must be quick.
     on_seen : callable, optional
         Called (no arguments) whenever a new file state is noticed.
@@ -268,6 +268,8 @@ class Watcher:
         except OSError:
             return
         if not os.path.isfile(path):
+            if not os.path.isdir(path):  # a FIFO, socket or device named like an image
+                self._problem("not-a-file", path, "not a regular file; not opened")
             return
         now = time.monotonic()
         key = Path(path)

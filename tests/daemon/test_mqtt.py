@@ -17,6 +17,7 @@ from qcloop.daemon.mqtt import MqttLink
 from qcloop.daemon.outbox import OutMessage
 
 pytestmark = pytest.mark.broker
+SEQ = {"seq": {"type": "object", "required": ["msg_id", "i"]}}  # the test's own topic
 
 
 def _status(state: str, cause: str, will: bool = False) -> dict:
@@ -38,7 +39,7 @@ def _queue(led: Ledger, prefix: str, n: int, start: int = 0) -> None:
 
 def test_outbox_drains_in_order_after_puback(tmp_path: Path, machine_broker, prefix: str) -> None:
     host, port = machine_broker
-    rec = Recorder(host, port, prefix)
+    rec = Recorder(host, port, prefix, extra_schemas=SEQ)
     metrics = DaemonMetrics(CollectorRegistry())
     link, led = _link(tmp_path, MqttConfig(host=host, port=port, max_inflight=5), prefix, metrics)
     try:
@@ -69,7 +70,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, own_broker:
     cfg = MqttConfig(host=b.host, port=b.port, max_inflight=4, reconnect_min_s=1, reconnect_max_s=1,
                      keepalive_s=5)
     link, led = _link(tmp_path, cfg, prefix, metrics)
-    rec = Recorder(b.host, b.port, prefix)
+    rec = Recorder(b.host, b.port, prefix, extra_schemas=SEQ)
     try:
         link.start()
         assert link.wait_connected(10)
@@ -86,7 +87,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, own_broker:
             time.sleep(0.5)
         assert led.outbox_count() == 40
         b.start()
-        rec = Recorder(b.host, b.port, prefix)
+        rec = Recorder(b.host, b.port, prefix, extra_schemas=SEQ)
         assert link.wait_connected(15)
         assert rec.wait_for(lambda r: len(r.on("seq")) >= 40, 20)
         got = [m["i"] for m in rec.on("seq")]
@@ -106,7 +107,7 @@ def test_tls_and_password(tmp_path: Path, certs: dict, prefix: str) -> None:
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     try:
-        rec = Recorder(b.host, b.port, prefix, username="reader", password="r", tls_ca=certs["ca"])
+        rec = Recorder(b.host, b.port, prefix, username="reader", password="r", tls_ca=certs["ca"], extra_schemas=SEQ)
         cfg = MqttConfig(host="localhost", port=b.port, username="qcloop", password_file=pw,
                          tls={"ca": certs["ca"]})
         link, led = _link(tmp_path, cfg, prefix)
