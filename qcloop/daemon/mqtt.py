@@ -114,8 +114,13 @@ def _ssl_text(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or exc)
 
 
-def classify(exc: BaseException, where: str) -> tuple[str, str]:
-    """``(reason label, text)`` of a failed connect (:data:`CONNECT_FAILURES`)."""
+def classify(exc: BaseException, where: str, *, tls: bool = False) -> tuple[str, str]:
+    """``(reason label, text)`` of a failed connect (:data:`CONNECT_FAILURES`); ``tls``: the
+    connection was to start TLS (a reset then happened during the handshake)."""
+    reset = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+    if tls and isinstance(exc, reset):
+        return "tls", (f"TLS to {where}: the broker closed the connection during the handshake "
+                       f"({exc.strerror or exc}; a plain listener? mqtt.port, mqtt.tls)")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "tls-verify", f"TLS to {where}: {_ssl_text(exc)} (mqtt.tls.ca, mqtt.host)"
     if isinstance(exc, ssl.SSLEOFError) or (isinstance(exc, ssl.SSLError) and "EOF" in str(exc)):
@@ -129,7 +134,7 @@ def classify(exc: BaseException, where: str) -> tuple[str, str]:
         return "dns", f"cannot resolve mqtt.host of {where}: {exc.strerror or exc}"
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return "timeout", f"connection to {where} timed out"
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+    if isinstance(exc, reset):
         return "closed", f"{where} closed the connection ({exc.strerror or exc})"
     if isinstance(exc, OSError):
         return "unreachable", f"cannot reach {where}: {exc.strerror or exc}"
@@ -153,7 +158,7 @@ def probe_connect(cfg: MqttConfig, *, timeout: float = 10.0) -> tuple[str, str] 
     try:
         c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=True)
     except Exception as exc:  # noqa: BLE001 - every failure is a reason to report
-        return classify(exc, where)
+        return classify(exc, where, tls=cfg.tls.active)
     deadline = time.monotonic() + timeout
     try:
         while "rc" not in result and time.monotonic() < deadline:
@@ -306,7 +311,7 @@ class MqttLink:
             try:
                 self.client.reconnect()
             except Exception as exc:  # noqa: BLE001 - every connect failure is reported, then retried
-                label, text = classify(exc, self.where)
+                label, text = classify(exc, self.where, tls=self.cfg.tls.active)
                 self._failed(label, text)
                 self._back_off(delay, probe=label in _PROBED)
                 delay = min(2 * delay, self.cfg.reconnect_max_s)

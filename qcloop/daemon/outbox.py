@@ -118,7 +118,11 @@ class InboundMessage:
     correlation_data: bytes | None = None
 
     def json(self) -> Any:
-        """Payload decoded as JSON (raises ValueError for anything else)."""
+        """Payload decoded as JSON; None for an empty payload (a cleared retained message).
+
+        Raises ValueError for anything else."""
+        if not self.payload.strip():
+            return None
         try:
             return json.loads(self.payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

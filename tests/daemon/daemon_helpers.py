@@ -96,7 +96,7 @@ class Broker:
 
     def __init__(self, workdir: Path, *, port: int | None = None, tls: dict | None = None,
                  passwords: dict[str, str] | None = None, acl: str | None = None,
-                 persistence: bool = False):
+                 persistence: bool = False, extra: list[str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -126,6 +126,7 @@ class Broker:
         if tls:
             lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}",
                       "tls_version tlsv1.2"]
+        lines += list(extra or [])
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.log = self.workdir / "mosquitto.log"
@@ -153,8 +154,8 @@ class Broker:
         self.proc = None
 
 
-def make_certs(d: Path) -> dict[str, Path]:
-    """CA + server certificate for 127.0.0.1/localhost, made with the openssl CLI."""
+def make_certs(d: Path, *, san: str = "DNS:localhost,IP:127.0.0.1") -> dict[str, Path]:
+    """A CA + a server certificate for ``san``, made with the openssl CLI at test time."""
     d.mkdir(parents=True, exist_ok=True)
 
     def ossl(*args: str) -> None:
@@ -162,9 +163,9 @@ def make_certs(d: Path) -> dict[str, Path]:
 
     ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qcloop-test-ca",
          "-keyout", "ca.key", "-out", "ca.crt")
-    ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=qcloop-test-server", "-keyout", "server.key",
          "-out", "server.csr")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "san.ext").write_text(f"subjectAltName={san}\n")
     ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
          "-days", "2", "-out", "server.crt", "-extfile", "san.ext")
     return {"ca": d / "ca.crt", "cert": d / "server.crt", "key": d / "server.key"}

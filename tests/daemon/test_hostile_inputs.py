@@ -23,7 +23,11 @@ import pytest
 import hostile
 from daemon_helpers import (REPO, Broker, Recorder, by_msg_id, clear_retained, ledger_rows, publish,
                             start_daemon, stop_process, tiff_bytes, wait_until, write_config, write_image)
-from qcloop.daemon.names import display
+
+
+def display(name: bytes) -> str:
+    """How qcloop shows a file name (bytes that are not UTF-8 as \\xNN escapes)."""
+    return name.decode("utf-8", "backslashreplace")
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
