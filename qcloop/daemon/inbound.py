@@ -25,6 +25,7 @@ The built-in routes (``commands/close-batch``, ``reactor/batch``) are installed 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -94,10 +95,13 @@ def check(suffix: str, body: Any) -> None:
         raise Rejected("schema", f"does not match {c.name}.json: {'; '.join(e[:200] for e in errors[:3])}{more}")
 
 
-def msg_key(topic: str, body: Any) -> str | None:
-    """Identity of a message for redelivery checks: ``topic`` + payload ``msg_id`` (when given)."""
+def msg_key(topic: str, body: Any, payload: bytes) -> str | None:
+    """Identity of a message for redelivery checks, when its payload has a ``msg_id``:
+    ``topic``, ``msg_id`` and a hash of the payload (an ack's ``msg_id`` names the suggestion,
+    so ``accepted`` and ``applied`` for one suggestion are two messages; a redelivery is the
+    same bytes)."""
     if isinstance(body, dict) and isinstance(body.get("msg_id"), str) and body["msg_id"]:
-        return f"{topic}\0{body['msg_id']}"
+        return f"{topic}\0{body['msg_id']}\0{hashlib.sha256(payload).hexdigest()[:16]}"
     return None
 
 

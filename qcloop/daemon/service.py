@@ -800,9 +800,9 @@ class Daemon:
             body = self.router.parse(msg, max_bytes=cfg.max_payload_bytes, max_depth=cfg.max_json_depth)
         except Rejected as exc:
             return self._reject(msg, exc, None)
-        key = msg_key(msg.topic, body)
+        key = msg_key(msg.topic, body, msg.payload)
         if key is not None and led.inbox_seen(key):
-            log.info("inbound: %s redelivered (already handled); acknowledged again", key.replace("\0", " "))
+            log.info("inbound: %s redelivered (already handled); acknowledged again", key.split("\0")[:2])
             return "duplicate"
         outcome = None
         for route in self.router.matching(msg.topic):

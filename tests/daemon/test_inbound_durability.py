@@ -35,7 +35,7 @@ def _handled(state: Path, topic: str) -> set[str]:
         return set()
     finally:
         con.close()
-    return {r[0].split("\0", 1)[1] for r in rows if r[0]}
+    return {r[0].split("\0")[1] for r in rows if r[0]}
 
 
 class Sender(threading.Thread):
