@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from daemon_helpers import free_port, write_config
@@ -14,6 +15,7 @@ from qcloop.config import load_settings
 from qcloop.daemon.service import Daemon
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
 def test_a_dead_watcher_thread_stops_the_daemon_with_status_1(tmp_path: Path) -> None:
     (tmp_path / "export").mkdir()
     cfg = write_config(tmp_path / "q.yaml", watch_dir=tmp_path / "export", state=tmp_path / "state",
