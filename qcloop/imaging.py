@@ -34,7 +34,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: Peak memory of one analysis with the default (classical) pipeline, per pixel of the image,
 #: on top of the decoded pixels. Measured with ``bench/daemon.py --working-set``: the real JEOL
 #: image ../shared/data/sem/jeol/A2h_01.tif tiled 1x1, 2x2 and 3x3 (1.3 to 11.8 Mpx) needed
-#: 98 to 111 bytes per pixel above the process's baseline; 128 leaves a margin.
+#: 94 to 111 bytes per pixel above the baseline (two runs on a shared 2-core machine); 128 leaves a margin.
 WORKING_SET_BYTES_PER_PIXEL = 128
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's "L" conversion
 
