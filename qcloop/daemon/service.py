@@ -62,6 +62,7 @@ from prometheus_client import CollectorRegistry
 from qcloop import __version__
 from qcloop.config import Settings
 from qcloop.daemon import messages
+from qcloop.daemon.contracts import contract
 from qcloop.daemon.batches import TIMELINE_STATE_KEY, BatchKeyer, MessageBatches, compute_batch
 from qcloop.daemon.inbound import MessageHandler, Rejected, Router, install_builtin, msg_key
 from qcloop.daemon.ledger import ImageRow, Ledger, pack_particles
@@ -347,7 +348,7 @@ class Daemon:
         s = self.settings
         assert self.ledger is not None
         client_id = s.mqtt.client_id or self._stored_client_id()
-        self.mqtt = MqttLink(s.mqtt, client_id=client_id, status_topic=self.topic("status"),
+        self.mqtt = MqttLink(s.mqtt, client_id=client_id, status_topic=self.topic(contract("status").topic),
                              status_payload=self._status_payload, db_path=self.ledger.path,
                              on_message=lambda msg: self._put(0, "mqtt", msg), metrics=self.metrics)
         for route in self.router.routes:

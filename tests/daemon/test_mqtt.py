@@ -136,3 +136,44 @@ def test_tls_and_password(tmp_path: Path, certs: dict, prefix: str) -> None:
         rec.close()
     finally:
         b.stop()
+
+
+def test_suggestions_carry_expiry_response_topic_and_correlation_data(tmp_path: Path, machine_broker,
+                                                                      prefix: str) -> None:
+    """Issue 14 item 3: MQTT v5 message expiry = the suggestion's TTL (time left), response topic
+    = the ack topic, correlation data = its msg_id; an expired outbox row is dropped unsent."""
+    import time as _time
+
+    from qcloop.control.safety import Move
+    from qcloop.control.suggestions import Suggestion
+    from qcloop.daemon import messages
+
+    host, port = machine_broker
+    rec = Recorder(host, port, prefix)
+    metrics = DaemonMetrics(CollectorRegistry())
+    link, led = _link(tmp_path, MqttConfig(host=host, port=port), prefix, metrics)
+    now = _time.time()
+
+    def sugg(msg_id: str, created: float, ttl: float) -> Suggestion:
+        return Suggestion(msg_id=msg_id, batch_id="B1", line_id="t1", created_at=created, expires_at=created + ttl,
+                          mode="advisory", planner="pi", moves=(Move("temperature", "degC", 80.0, 82.0, 60.0, 100.0),), reason={"metric": "ecd_nm.mean", "observed": 60.0,
+                          "target": 50.0, "tolerance": 2.5, "n_particles": 100, "confidence": 1.0})
+
+    try:
+        led.add_message(messages.suggestion(prefix, sugg("gone", now - 100, 50)),  # expired while waiting
+                        messages.suggestion(prefix, sugg("s-1", now, 900)))
+        link.start()
+        assert link.wait_connected(10)
+        link.notify()
+        assert rec.wait_for(lambda r: len(r.full("suggestions")) == 1, 10)
+        got = rec.full("suggestions")[0]
+        assert got.body["msg_id"] == "s-1" and 895 <= got.expiry <= 900
+        assert got.response_topic == f"{prefix}/suggestions/ack" and got.correlation_data == b"s-1"
+        assert got.content_type == "application/json"
+        assert wait_until(lambda: led.outbox_count() == 0, 10)
+        assert metrics.mqtt_expired._value.get() == 1
+    finally:
+        link.stop()
+        led.close()
+        rec.close()
+        clear_retained(host, port, prefix)
