@@ -189,7 +189,8 @@ class DaemonMetrics:
             except (TypeError, ValueError):
                 continue
             metric, cls = split_metric_name(key)
-            self.batch_metric.labels(metric=metric, **{"class": cls}).set(v if math.isfinite(v) else float("nan"))
+            self.batch_metric.labels(metric=metric, **{"class": cls}).set(
+                v if math.isfinite(v) else float("nan"))
         self.batch_passed.set(float("nan") if passed is None else float(bool(passed)))
         self.batch_particles.set(n_particles)
         self.batch_images.set(n_images)
