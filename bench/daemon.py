@@ -20,6 +20,15 @@ broker outage (``--outage SECONDS``, e.g. 60)
     is started again after SECONDS; prints how many results arrived (must be all), whether in
     order, and how long the backlog took to drain.
 
+15 000 x 15 000 montage (``--montage``, default on; ``--no-montage`` skips it)
+    A stitched montage of 225 Mpx (a sparse TIFF: header + zeros) is renamed into the folder;
+    the daemon must refuse it from its header (``imaging.memory_budget_mb``) and stay below
+    2 GiB: prints the reason and the daemon's peak RSS (VmHWM) before and after.
+working set (``--working-set``, runs instead of the daemon phases)
+    Fits ``qcloop.imaging.WORKING_SET_BYTES_PER_PIXEL``: the real JEOL image
+    ``../shared/data/sem/jeol/A2h_01.tif`` tiled 1x1, 2x2, 3x3 is analysed with the default
+    pipeline, each in a fresh process; prints the peak RSS above the process's baseline per pixel.
+
 Images: 1024x768 synthetic SEM images (qcloop.synth) for the latency run, smaller ones
 (``--flood-size`` px) for the flood so that it finishes in minutes on a small machine.
 
@@ -27,6 +36,7 @@ Usage::
 
     python bench/daemon.py                      # latency + 500-image flood
     python bench/daemon.py --outage 60 --flood 0
+    python bench/daemon.py --working-set
 """
 
 from __future__ import annotations
@@ -102,7 +112,9 @@ class Subscriber:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:6]}",
                         protocol=MQTTProtocolVersion.MQTTv5)
         c.reconnect_delay_set(1, 1)
-        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{prefix}/images/result", qos=1)
+        c.on_connect = lambda cl, u, f, rc, p: (cl.subscribe(f"{prefix}/images/result", qos=1),
+                                                cl.subscribe(f"{prefix}/events/error", qos=1))
+        self.errors: list[dict] = []
         c.on_message = self._on_message
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
@@ -113,8 +125,18 @@ class Subscriber:
     def _on_message(self, client, userdata, msg) -> None:
         t = time.time()
         with self.cond:
-            self.results.append((t, json.loads(msg.payload)))
+            body = json.loads(msg.payload)
+            (self.errors.append(body) if msg.topic.endswith("events/error") else self.results.append((t, body)))
             self.cond.notify_all()
+
+    def wait_error(self, name: str, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                hit = [e for e in self.errors if str(e.get("path", "")).endswith(name)]
+                if hit or time.monotonic() > deadline:
+                    return hit[0] if hit else None
+                self.cond.wait(1.0)
 
     def wait_count(self, n: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -171,6 +193,55 @@ def iso(s: str) -> float:
     return datetime.fromisoformat(s).timestamp()
 
 
+# ----------------------------------------------------------------------------- working set
+SEM_IMAGE = REPO.parent / "shared" / "data" / "sem" / "jeol" / "A2h_01.tif"
+
+
+def working_set_child(k: int) -> None:
+    """One analysis of the JEOL image tiled k x k, in this (fresh) process; prints one JSON line."""
+    import resource
+
+    from qcloop.config import load_settings
+    from qcloop.pipeline import Pipeline
+
+    src = tifffile.imread(os.environ.get("QCLOOP_SEM_IMAGE", SEM_IMAGE))
+    src = src[..., 0] if src.ndim == 3 else src
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"tiled{k}.tif"
+        tifffile.imwrite(path, np.tile(src, (k, k)))
+        del src
+        pipe = Pipeline.from_settings(load_settings(use_env=False))
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # lazy imports count, as in the daemon
+        t0 = time.monotonic()
+        image = pipe.load(path)
+        result = pipe.analyze(image)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    h, w = image.pixels.shape
+    print(json.dumps({"tiles": k, "width": w, "height": h, "mpx": round(w * h / 1e6, 2),
+                      "baseline_mib": round(base / 2**20), "peak_mib": round(peak / 2**20),
+                      "bytes_per_px": round((peak - base) / (w * h), 1), "particles": int(len(result.particles)),
+                      "seconds": round(time.monotonic() - t0, 1)}))
+
+
+def working_set() -> int:
+    if not Path(os.environ.get("QCLOOP_SEM_IMAGE", SEM_IMAGE)).exists():
+        raise SystemExit(f"needs the real SEM image {SEM_IMAGE} (or $QCLOOP_SEM_IMAGE)")
+    rows = []
+    for k in (1, 2, 3):
+        out = subprocess.run([sys.executable, __file__, "--working-set-child", str(k)], capture_output=True,
+                             text=True, check=True, cwd=str(REPO))
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{r['width']}x{r['height']} ({r['mpx']} Mpx): peak {r['peak_mib']} MiB, baseline "
+              f"{r['baseline_mib']} MiB -> {r['bytes_per_px']} bytes/px above it ({r['particles']} particles, "
+              f"{r['seconds']} s)")
+    from qcloop.imaging import WORKING_SET_BYTES_PER_PIXEL
+
+    print(f"max {max(r['bytes_per_px'] for r in rows)} B/px measured; "
+          f"WORKING_SET_BYTES_PER_PIXEL = {WORKING_SET_BYTES_PER_PIXEL}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,7 +253,16 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--montage", action=argparse.BooleanOptionalAction, default=True,
+                    help="hand the daemon a 15000x15000 montage and print its peak RSS")
+    ap.add_argument("--working-set", action="store_true", help="fit WORKING_SET_BYTES_PER_PIXEL instead")
+    ap.add_argument("--working-set-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.working_set_child:
+        working_set_child(args.working_set_child)
+        return 0
+    if args.working_set:
+        return working_set()
 
     tmp = Path(tempfile.mkdtemp(prefix="qcloop-bench-daemon-"))
     watch, state = tmp / "export", tmp / "state"
@@ -299,6 +379,13 @@ def main() -> int:
             time.sleep(max(0.0, args.outage - (time.monotonic() - t_down)))
             broker.start()
             t_up = time.monotonic()
+            first = None
+            while first is None and time.monotonic() - t_up < 60:
+                with sub.cond:
+                    if len({p["msg_id"] for _, p in sub.results}) > base:
+                        first = time.monotonic() - t_up
+                    else:
+                        sub.cond.wait(0.02)
             ok = sub.wait_count(base + k, 300)
             drained = time.monotonic() - t_up
             got = [p for _, p in sub.results if p["name"].startswith("OUT_")]
@@ -306,10 +393,28 @@ def main() -> int:
             in_order = list(dict.fromkeys(ids)) == sorted(set(ids))
             figures["outage"] = {"seconds": args.outage, "images": k, "delivered": len(set(ids)),
                                  "all_delivered": ok, "in_order": in_order,
-                                 "duplicates": len(ids) - len(set(ids)), "drain_s": round(drained, 2)}
+                                 "duplicates": len(ids) - len(set(ids)), "drain_s": round(drained, 2),
+                                 "first_result_s": None if first is None else round(first, 2)}
             print(f"broker outage {args.outage} s with {k} images: {len(set(ids))}/{k} results delivered "
                   f"{'in order' if in_order else 'OUT OF ORDER'} within {drained:.2f} s after the broker "
-                  f"returned ({len(ids) - len(set(ids))} duplicate deliveries)")
+                  f"returned ({len(ids) - len(set(ids))} duplicate deliveries); first result "
+                  f"{figures['outage']['first_result_s']} s after its return (target < 2 s)")
+
+        # -------------------------------------------------------------- 15000 x 15000 montage
+        if args.montage:
+            before = rss_kib(proc.pid)
+            tmp_big = tmp / "montage.tif"
+            tifffile.imwrite(tmp_big, shape=(15000, 15000), dtype="uint8")  # sparse: no pixels in memory
+            os.rename(tmp_big, watch / "MONTAGE_15000.tif")
+            event = sub.wait_error("MONTAGE_15000.tif", 300)
+            after = rss_kib(proc.pid)
+            figures["montage"] = {"side_px": 15000, "outcome": None if event is None else event["kind"],
+                                  "reason": None if event is None else event["message"],
+                                  "peak_rss_before_mib": round(before["VmHWM"] / 1024, 1),
+                                  "peak_rss_after_mib": round(after["VmHWM"] / 1024, 1)}
+            m = figures["montage"]
+            print(f"15000x15000 montage: {m['outcome']} ({m['reason']}); daemon peak RSS (VmHWM) "
+                  f"{m['peak_rss_before_mib']} MiB before, {m['peak_rss_after_mib']} MiB after (limit 2048 MiB)")
     finally:
         sub.close()
         if proc.poll() is None:

@@ -6,7 +6,7 @@ field's path (``pipeline.classical.treshold: Extra inputs are not permitted``). 
 the parts each stage needs are passed down as plain typed objects.
 
 Sections (each documented on its class): imaging, pipeline (classical, sam, dinov2, lobes),
-watch, batch, targets, mqtt, metrics, control.
+watch, batch, targets, mqtt, metrics, retention, control.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class ImagingConfig(Section):
     pixel_size_nm: used when the file carries no vendor metadata (source ``config``).
     force_pixel_size: use ``pixel_size_nm`` even when the file has vendor metadata.
     max_side_px: images whose header claims a longer side are refused before decoding.
+    memory_budget_mb: images whose analysis would need more memory than this (decoded pixels
+    plus the pipeline's working set, estimated from the header before any pixel is decoded:
+    :data:`qcloop.imaging.WORKING_SET_BYTES_PER_PIXEL`) are refused with that reason.
     """
 
     banner: Literal["auto", "fixed", "none"] = "auto"
@@ -46,6 +49,7 @@ class ImagingConfig(Section):
     pixel_size_nm: float | None = Field(default=None, gt=0)
     force_pixel_size: bool = False
     max_side_px: int = Field(default=30000, gt=0)
+    memory_budget_mb: float = Field(default=1536.0, gt=0)
 
     @model_validator(mode="after")
     def _check_dependent_fields(self) -> "ImagingConfig":
@@ -253,8 +257,12 @@ class WatchConfig(Section):
     ``patterns`` are matched case-insensitively against the file name; hidden files (name
     starting with ``.``, e.g. rsync/samba temporaries) are ignored. ``polling: true`` uses the
     polling observer (network shares: NFS/SMB deliver no inotify events). An image that was
-    being analysed when the daemon died ``max_attempts`` times is quarantined (poison pill).
-    The systemd watchdog stops being fed when one image takes longer than ``stall_timeout_s``.
+    being analysed when the daemon died ``max_attempts`` times is quarantined (poison pill); a
+    death counts against an image only when that image alone was in analysis and the process
+    was not stopping cleanly (SIGTERM/SIGINT: a machine shutdown, ``systemctl stop``, a kill
+    after ``TimeoutStopSec``). The systemd watchdog stops being fed when one image takes longer
+    than ``stall_timeout_s``. Symbolic links are followed only when they end inside the watched
+    folder; loops and dangling links are reported once.
     """
 
     directory: Path | None = None
@@ -324,7 +332,17 @@ class MqttConfig(Section):
     deleted after the broker's PUBACK; at most ``max_inflight`` are unacknowledged at once.
     The password comes from ``password_file`` (first line) or ``password``
     (``QCLOOP_MQTT__PASSWORD``). ``enabled: false`` runs the daemon without MQTT (nothing is
-    queued)."""
+    queued).
+
+    Inbound messages are acknowledged only after the ledger commit that handled them, in a
+    persistent session (``session_expiry_s``; the client id is kept in the ledger unless
+    ``client_id`` is set), so the broker redelivers what a crash interrupted and queues what
+    arrives while the daemon is down. Payloads larger than ``max_payload_bytes`` or nested deeper
+    than ``max_json_depth`` are rejected before they are parsed. Failed connects back off from
+    ``reconnect_min_s`` to ``reconnect_max_s``; while the broker's port is closed it is probed
+    every ``probe_interval_s`` and the daemon reconnects as soon as it opens. The retained
+    ``online`` status is re-sent every ``status_interval_s`` (a heartbeat with the current time).
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -339,6 +357,12 @@ class MqttConfig(Section):
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
     flush_timeout_s: float = Field(default=5.0, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    probe_interval_s: float = Field(default=0.25, gt=0)
+    session_expiry_s: int = Field(default=604800, ge=0)
+    status_interval_s: float = Field(default=60.0, gt=0)
+    max_payload_bytes: int = Field(default=65536, ge=64)
+    max_json_depth: int = Field(default=32, ge=2, le=500)
     tls: TlsConfig = TlsConfig()
 
     @field_validator("topic_prefix")
@@ -354,11 +378,43 @@ class MqttConfig(Section):
 
 
 class MetricsConfig(Section):
-    """Prometheus endpoint (``http://host:port/metrics``); ``port: 0`` picks a free port."""
+    """Prometheus endpoint (``http://host:port/metrics``); ``port: 0`` picks a free port.
+
+    Requests are served by at most ``threads`` threads; a connection is handed to one only
+    once its request has arrived, so idle connections hold no thread; they are closed after
+    ``idle_timeout_s``, and beyond ``max_connections`` open ones the oldest is closed.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
+    threads: int = Field(default=4, ge=1, le=64)
+    idle_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=64, ge=1)
+
+
+class RetentionConfig(Section):
+    """What the daemon prunes, in the background (every ``interval_s``, a bounded amount per run).
+
+    ``particles_days``: per-image particle tables (kept to re-score a batch when a late image
+    arrives) of batches closed longer ago are dropped (the image rows and results stay).
+    ``rows_days``: image rows older than this whose file is gone from the watched folder are
+    deleted. ``quarantine_days`` / ``quarantine_max_mb``: quarantined files (and reason files)
+    older than that, or the oldest beyond that total size, are deleted. ``inbox_days`` /
+    ``inbox_max_rows``: the log of handled inbound messages (used to drop redeliveries).
+    ``seen_max``: file states the watcher remembers (least recently seen forgotten first; the
+    ledger still keeps a forgotten file from being analysed twice).
+    """
+
+    interval_s: float = Field(default=3600.0, gt=0)
+    particles_days: float = Field(default=90.0, gt=0)
+    rows_days: float = Field(default=365.0, gt=0)
+    quarantine_days: float = Field(default=90.0, gt=0)
+    quarantine_max_mb: float = Field(default=2048.0, gt=0)
+    inbox_days: float = Field(default=7.0, gt=0)
+    inbox_max_rows: int = Field(default=100000, ge=100)
+    seen_max: int = Field(default=100000, ge=100)
+    batch_rows: int = Field(default=500, ge=1)
 
 
 # --------------------------------------------------------------------------- control
@@ -489,6 +545,7 @@ class Settings(BaseSettings):
     targets: dict[str, TargetSpec] = {}
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
+    retention: RetentionConfig = RetentionConfig()
     control: ControlConfig = ControlConfig()
 
     _yaml_data: dict[str, Any] = {}

@@ -31,6 +31,11 @@ from qcloop.records import PixelSize, SemImage
 log = logging.getLogger(__name__)
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: Peak memory of one analysis with the default (classical) pipeline, per pixel of the image,
+#: on top of the decoded pixels. Measured with ``bench/daemon.py --working-set``: the real JEOL
+#: image ../shared/data/sem/jeol/A2h_01.tif tiled 1x1, 2x2 and 3x3 (1.3 to 11.8 Mpx) needed
+#: 94 to 111 bytes per pixel above the baseline (two runs on a shared 2-core machine); 128 leaves a margin.
+WORKING_SET_BYTES_PER_PIXEL = 128
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's "L" conversion
 
 
@@ -57,8 +62,10 @@ def load_image(path: str | Path, cfg: ImagingConfig | None = None) -> SemImage:
     ------
     InputImageError
         Missing, empty, truncated or undecodable file, not an image, zero size, a side longer
-        than ``cfg.max_side_px`` (checked on the header, before any pixel is decoded),
-        non-finite float pixels, or a fixed banner taller than the image.
+        than ``cfg.max_side_px`` or an analysis that would need more than
+        ``cfg.memory_budget_mb`` (both checked on the header, before any pixel is decoded:
+        see :func:`memory_needed`), non-finite float pixels, or a fixed banner taller than the
+        image.
     """
     cfg = cfg if cfg is not None else ImagingConfig()
     p = Path(path)
@@ -117,6 +124,13 @@ def load_array(
     height = _analysed_height(arr, cfg, p, lossy=False)
     return SemImage(path=p, pixels=arr, analysed_height_px=height, pixel_size=size,
                     metadata={"banner_rows": str(arr.shape[0] - height)})
+
+
+def memory_needed(width: int, height: int, bytes_per_pixel: int = 1) -> int:
+    """Bytes one analysis of a ``width`` x ``height`` image needs: the decoded pixels
+    (``bytes_per_pixel``: samples x bytes per sample) plus the pipeline's working set
+    (:data:`WORKING_SET_BYTES_PER_PIXEL` per pixel)."""
+    return int(width) * int(height) * (int(bytes_per_pixel) + WORKING_SET_BYTES_PER_PIXEL)
 
 
 def detect_banner(
@@ -267,12 +281,17 @@ def _read_head(p: Path) -> bytes:
         raise InputImageError(p, f"cannot read file: {exc.strerror or exc}") from None
 
 
-def _check_size(p: Path, width: int, height: int, cfg: ImagingConfig) -> None:
+def _check_size(p: Path, width: int, height: int, cfg: ImagingConfig, bytes_per_pixel: int = 1) -> None:
     if width <= 0 or height <= 0:
         raise InputImageError(p, f"image has zero size ({width}x{height} px)")
     if width > cfg.max_side_px or height > cfg.max_side_px:
         raise InputImageError(
             p, f"image size {width}x{height} px exceeds imaging.max_side_px={cfg.max_side_px}")
+    need = memory_needed(width, height, bytes_per_pixel)
+    if need > cfg.memory_budget_mb * 2**20:
+        raise InputImageError(
+            p, f"image of {width}x{height} px would need about {need / 2**30:.1f} GiB to analyse, more than "
+               f"imaging.memory_budget_mb={cfg.memory_budget_mb:g}; refused before decoding")
 
 
 def _vendor_pixel_size(p: Path, tif: tifffile.TiffFile | None, cfg: ImagingConfig):
@@ -293,11 +312,12 @@ def _load_tiff(p: Path, cfg: ImagingConfig):
                 raise InputImageError(p, "TIFF holds no image (no readable page; truncated?)")
             page = tif.pages.first
             width, height = int(page.imagewidth), int(page.imagelength)
+            bpp = int(page.samplesperpixel) * max(1, int(page.bitspersample) // 8)
         except InputImageError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise InputImageError(p, f"TIFF structure unreadable ({_describe(exc)})") from None
-        _check_size(p, width, height, cfg)
+        _check_size(p, width, height, cfg, bpp)
         if int(getattr(page, "imagedepth", 1)) > 1:
             raise InputImageError(p, "3-D (volumetric) TIFF pages are not supported")
         file_size = p.stat().st_size
@@ -400,7 +420,7 @@ def _load_pillow(p: Path, cfg: ImagingConfig, head: bytes):
     with im:
         fmt = im.format or "unknown"
         width, height = im.size
-        _check_size(p, width, height, cfg)
+        _check_size(p, width, height, cfg, max(1, len(im.getbands())) * (2 if ";16" in im.mode or im.mode in ("I", "F") else 1))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -294,6 +294,7 @@ class SimulatedReactor:
         self._decisions: dict[str, dict[str, Any]] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._by_msg: dict[str, dict[str, Any]] = {}
+        self._reply_to: dict[str, tuple[str | None, bytes | None]] = {}
         self._client = None
 
     # ------------------------------------------------------------------ MQTT
@@ -304,12 +305,17 @@ class SimulatedReactor:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311,
-                        clean_session=not self.persistent_session)
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        # MQTT v5: the ack goes to the suggestion's response topic with its correlation data
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         c.reconnect_delay_set(0.2, 2)
         c.on_message = self._on_message
         c.on_connect = self._on_connect
-        c.connect(self.host, self.port, keepalive=30)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600 if self.persistent_session else 0
+        c.connect(self.host, self.port, keepalive=30, clean_start=not self.persistent_session, properties=props)
         c.loop_start()
         self._client = c
         deadline = time.time() + timeout
@@ -336,11 +342,13 @@ class SimulatedReactor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _publish(self, leaf: str, body: Mapping[str, Any], *, retain: bool = False) -> None:
+    def _publish(self, leaf: str, body: Mapping[str, Any], *, retain: bool = False, topic: str | None = None,
+                 properties: Any = None) -> None:
         assert self._client is not None, "connect() first"
         import paho.mqtt.client as mqtt
 
-        info = self._client.publish(self.topic(leaf), json.dumps(body), qos=1, retain=retain)
+        info = self._client.publish(topic or self.topic(leaf), json.dumps(body), qos=1, retain=retain,
+                                    properties=properties)
         if info.rc == mqtt.MQTT_ERR_NO_CONN:
             log.info("simulated reactor: broker unreachable; %s queued until reconnect", leaf)
             return  # paho keeps QoS 1 messages and sends them after the reconnect
@@ -364,6 +372,9 @@ class SimulatedReactor:
                 self.suggestions.append(body)
                 if isinstance(body.get("msg_id"), str):
                     self._by_msg[body["msg_id"]] = body
+                    props = msg.properties  # MQTT v5 request/response: where and how to answer
+                    self._reply_to[body["msg_id"]] = (getattr(props, "ResponseTopic", None),
+                                                      getattr(props, "CorrelationData", None))
             elif msg.topic == self.topic("control/decision"):
                 if isinstance(body.get("batch_id"), str):
                     self._decisions[body["batch_id"]] = body
@@ -417,8 +428,16 @@ class SimulatedReactor:
         return status
 
     def _ack(self, body: Mapping[str, Any]) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
         self.acks_sent.append((str(body["msg_id"]), str(body["status"])))
-        self._publish("suggestions/ack", body)
+        topic, corr = self._reply_to.get(str(body["msg_id"]), (None, None))
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        if corr is not None:
+            props.CorrelationData = corr
+        self._publish("suggestions/ack", body, topic=topic, properties=props)
 
     # ------------------------------------------------------------------ batches
     def batch_name(self, k: int) -> str:

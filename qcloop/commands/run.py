@@ -5,7 +5,9 @@ environment variables override it. SIGTERM/SIGINT stop gracefully (the current i
 finished, the outbox flushed for ``mqtt.flush_timeout_s``, ``offline`` published); a second
 signal abandons the current image at once (it is redone at the next start). Under systemd
 (``Type=notify``) READY=1 is sent once the ledger, the watcher and the MQTT connection are up,
-and WATCHDOG=1 while healthy. See docs/daemon.md.
+and WATCHDOG=1 while healthy. Exit codes: 0 after a stop, 2 for a configuration problem (the
+field named: also a state folder inside or above the watched folder, TLS files that do not load),
+1 when a daemon thread died (systemd's ``Restart=on-failure`` starts it again). See docs/daemon.md.
 """
 
 from __future__ import annotations

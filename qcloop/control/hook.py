@@ -7,10 +7,19 @@ Everything runs on the daemon's worker thread, inside the daemon's ledger transa
   QoS 1) and the decision (``{prefix}/control/decision``, QoS 1) go to the durable outbox in the
   transaction that closes the batch, together with the controller state
   (ledger key ``control.state``).
-* ``{prefix}/reactor/setpoints`` -> :meth:`Controller.on_setpoints`
-* ``{prefix}/reactor/batch`` -> :meth:`Controller.on_batch_started` (``{"batch": ..., "setpoints": {...}}``)
-* ``{prefix}/suggestions/ack`` -> :meth:`Controller.on_ack`; every ack is appended to the ledger
-  (key ``control.acks``, the latest 500) and counted in ``qcloop_suggestion_acks_total{status}``.
+* ``{prefix}/reactor/setpoints`` -> :meth:`Controller.on_setpoints`; a controlled setpoint's value
+  outside its configured ``[min, max]`` rejects the whole message (``events/error``
+  ``command-rejected``): the controller keeps the last good values.
+* ``{prefix}/reactor/batch`` -> :meth:`Controller.on_batch_started` (``{"batch": ..., "setpoints": {...}}``;
+  ``"event": "end"`` messages are not batch starts)
+* ``{prefix}/suggestions/ack`` -> :meth:`Controller.on_ack`; the suggestion is named by the MQTT v5
+  correlation data (the suggestion carries its ``msg_id`` there, with the ack topic as response
+  topic) or, from v3 clients, by the payload's ``msg_id``. Every ack is appended to the ledger
+  (key ``control.acks``, the latest 500, ``detail`` cut to 200 characters) and counted in
+  ``qcloop_suggestion_acks_total{status}``.
+
+Payloads reach these handlers only after the daemon's size, nesting and schema checks
+(:mod:`qcloop.daemon.inbound`); every outbound message is built by :mod:`qcloop.daemon.messages`.
 
 Prometheus (on the daemon's registry): ``qcloop_suggestions_total{planner}``,
 ``qcloop_suggestion_acks_total{status}``, ``qcloop_control_decisions_total{action,reason}``,
@@ -27,14 +36,21 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from qcloop.control.controller import Controller
-from qcloop.control.suggestions import ACK_STATUSES, ACKS, DECISIONS, REACTOR_BATCH, REACTOR_SETPOINTS, SUGGESTIONS
-from qcloop.control.suggestions import parse_ack
+from qcloop.control.setpoints import parse_reactor_setpoints
+from qcloop.control.suggestions import ACK_STATUSES, ACKS, REACTOR_BATCH, REACTOR_SETPOINTS, parse_ack
+from qcloop.daemon import messages
+from qcloop.daemon.inbound import Rejected
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "control.state"
 ACK_LOG_KEY = "control.acks"
 ACK_LOG_KEEP = 500
+ACK_DETAIL_KEEP = 200
+#: (action, reason) of every decision the controller can make without naming a metric
+DECISIONS_KNOWN = (("none", "duplicate"), ("hold", "too_few_particles"), ("none", "on_target"),
+                   ("hold", "awaiting_ack"), ("hold", "cooldown"), ("hold", "stale_batch"), ("none", "in_band"),
+                   ("hold", "uncertain"), ("hold", "no_data"), ("hold", "setpoints_unknown"), ("hold", "at_limit"))
 
 
 class ControlMetrics:
@@ -65,9 +81,7 @@ class ControlHook:
         m = ControlMetrics(daemon.registry)
         self.m_suggestions, self.m_acks, self.m_decisions = m.suggestions, m.acks, m.decisions
         self.m_pending, self.m_setpoint, self.m_suggested = m.pending, m.setpoint, m.suggested
-        for status in ACK_STATUSES:
-            self.m_acks.labels(status=status)
-        self.m_suggestions.labels(planner=self.settings.control.planner)
+        self._precreate()
         # after a restart the latest suggestion still shows (the controller's state keeps it)
         recent = self.controller.state.get("recent") or {}
         if recent:
@@ -77,6 +91,19 @@ class ControlHook:
         self._refresh_gauges()
 
     # ------------------------------------------------------------------ helpers
+    def _precreate(self) -> None:
+        """Every label set at 0 from the first scrape (so ``increase()`` sees the first event)."""
+        c = self.settings.control
+        for status in ACK_STATUSES:
+            self.m_acks.labels(status=status)
+        self.m_suggestions.labels(planner=c.planner)
+        metrics = {r.metric for r in c.rules} | set(c.bayes.objective)
+        for action, reason in DECISIONS_KNOWN + tuple(("suggest", m) for m in sorted(metrics)):
+            self.m_decisions.labels(action=action, reason=reason)
+        for spec in c.setpoints:
+            self.m_setpoint.labels(name=spec.name)
+            self.m_suggested.labels(name=spec.name)
+
     def _refresh_gauges(self) -> None:
         for name, value in self.controller.current.items():
             self.m_setpoint.labels(name=name).set(value)
@@ -98,8 +125,6 @@ class ControlHook:
 
     # ------------------------------------------------------------------ daemon callbacks
     def on_batch_closed(self, event: Any, ctx: Any):
-        from qcloop.daemon.outbox import OutMessage
-
         if event.revision > 1:
             log.info("control: batch %s re-closed (revision %d); not acted on again", event.batch, event.revision)
             return None
@@ -114,7 +139,7 @@ class ControlHook:
         sugg = self._guarded(ctx, step)
         out = []
         if sugg is not None:
-            out.append(OutMessage(ctx.topic(SUGGESTIONS), sugg.message(), qos=1, retain=False))
+            out.append(messages.suggestion(ctx.prefix, sugg))
             self.m_suggestions.labels(planner=sugg.planner).inc()
             for name, value in sugg.suggested().items():
                 self.m_suggested.labels(name=name).set(value)
@@ -122,35 +147,26 @@ class ControlHook:
         d = self.controller.last_decision
         if d is not None:
             self.m_decisions.labels(action=d.action, reason=d.reason).inc()
-            body = d.to_dict()
-            body["suggestion_msg_id"] = body.pop("msg_id")
-            body["line_id"] = self.settings.line_id
-            body["verdict_passed"] = verdict_passed
-            body["n_particles"] = n
-            out.append(OutMessage(ctx.topic(DECISIONS), body, qos=1, retain=False))
+            out.append(messages.control_decision(ctx.prefix, self.settings.line_id, d,
+                                                 verdict_passed=verdict_passed, n_particles=n))
             log.info("control: batch %s -> %s (%s) %s", event.batch, d.action, d.reason, d.detail)
         return out
 
     def on_setpoints(self, msg: Any, ctx: Any):
-        try:
-            body = msg.json()
-        except ValueError as exc:
-            log.warning("control: %s", exc)
-            return None
-        if not isinstance(body, dict):
-            log.warning("control: reactor setpoints message is not a JSON object")
-            return None
+        body = msg.json()  # checked against reactor_setpoints.json by the daemon
+        if body is None:
+            return None  # a cleared retained message
+        values = parse_reactor_setpoints(body, self.settings.control.setpoints)
+        bad = [f"{s.name}={values[s.name]:g} outside [{s.min:g}, {s.max:g}]"
+               for s in self.settings.control.setpoints if s.name in values and not s.min <= values[s.name] <= s.max]
+        if bad:
+            raise Rejected("invalid", f"setpoints outside the configured bounds, not taken as current: {', '.join(bad)}")
         self._guarded(ctx, lambda: self.controller.on_setpoints(body, now=msg.received_at))
         return None
 
     def on_reactor_batch(self, msg: Any, ctx: Any):
-        try:
-            body = msg.json()
-        except ValueError:
-            return None  # the daemon reports malformed reactor/batch messages itself
-        if not isinstance(body, dict) or not isinstance(body.get("batch"), str):
-            return None
-        if body.get("event", "start") != "start":
+        body = msg.json()  # checked against reactor_batch.json by the daemon
+        if body is None or body.get("event", "start") != "start":
             return None
         sp = body.get("setpoints")
         self._guarded(ctx, lambda: self.controller.on_batch_started(
@@ -158,12 +174,13 @@ class ControlHook:
         return None
 
     def on_ack(self, msg: Any, ctx: Any):
+        body = msg.json() or {}
+        if msg.correlation_data:  # MQTT v5: the suggestion's msg_id, copied back by the reactor
+            body = {**body, "msg_id": msg.correlation_data.decode("utf-8", "replace")}
         try:
-            ack = parse_ack(msg.payload)
+            ack = parse_ack(body)
         except ValueError as exc:
-            log.warning("control: bad ack on %s: %s", msg.topic, exc)
-            self.daemon.metrics.errors.labels(kind="command-rejected").inc()
-            return None
+            raise Rejected("invalid", f"bad ack: {exc}") from None
         outcome = self._guarded(ctx, lambda: self.controller.on_ack(ack.msg_id, ack.status, now=msg.received_at))
         self.m_acks.labels(status=ack.status).inc()
         raw = ctx.ledger.get_state(ACK_LOG_KEY)
@@ -171,8 +188,9 @@ class ControlHook:
             entries = json.loads(raw) if raw else []
         except ValueError:
             entries = []
+        detail = None if ack.detail is None else ack.detail[:ACK_DETAIL_KEEP]
         entries.append({"msg_id": ack.msg_id, "status": ack.status, "outcome": outcome,
-                        "received_at": msg.received_at, "at": ack.at, "detail": ack.detail})
+                        "received_at": msg.received_at, "at": ack.at, "detail": detail})
         ctx.ledger.set_state(ACK_LOG_KEY, json.dumps(entries[-ACK_LOG_KEEP:]))
         log.info("control: ack %s %s (%s)", ack.msg_id, ack.status, outcome)
         return None

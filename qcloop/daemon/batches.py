@@ -7,9 +7,10 @@ Batch key (``batch.key``)
 ``subfolder``
     The first folder below ``watch.directory`` (``export/B42/img_001.tif`` → ``B42``).
 ``message``
-    The batch named by the latest ``{prefix}/reactor/batch`` message (``{"batch": "B42"}``)
-    *at the time the file was first seen* (files found by the start-up scan: at their mtime),
-    so files exported just before a batch change still count for the old batch.
+    The batch named by the latest ``{prefix}/reactor/batch`` start message (``{"batch": "B42"}``
+    or ``{"batch": "B42", "event": "start"}``) *at the time the file was first seen* (files found
+    by the start-up scan: at their mtime), so files exported just before a batch change still
+    count for the old batch. ``"event": "end"`` never starts or re-opens a batch.
 
 Files without a key go to ``batch.default_batch``.
 """
@@ -64,6 +65,14 @@ class MessageBatches:
         self.entries.append((t, batch))
         self.entries.sort()
         return True
+
+    def end(self, batch: str, t: float) -> bool:
+        """A batch ended (``event: end``): never a start, so always False. Images seen after it
+        still belong to it until the next start (a batch's SEM images are often taken after
+        its synthesis ended); an end of any other batch changes nothing either."""
+        log.info("reactor: batch %s ended%s", batch, "" if batch == self.current else
+                 f" (the current batch is {self.current!r})")
+        return False
 
     def batch_at(self, t: float) -> str | None:
         found = None

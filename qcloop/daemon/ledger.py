@@ -16,6 +16,13 @@ outbox
     Messages waiting for the broker's acknowledgement (see :mod:`qcloop.daemon.outbox`).
 state
     Small persistent key/value store (JSON strings) for the controller and the daemon itself.
+inbox
+    Inbound MQTT messages handled (topic, ``msg_id`` when the payload has one, outcome), written
+    in the transaction that handled them, before the broker gets its PUBACK: a message the broker
+    redelivers after a crash is recognised by its ``msg_id`` and not handled twice.
+
+Paths are stored as text (:func:`qcloop.daemon.names.display`) and, when the name is not valid
+UTF-8, also as bytes (``raw_path``) so the file can still be opened.
 
 Only the worker thread uses a :class:`Ledger` (the connection refuses other threads); every
 state change and the MQTT message announcing it are written in one transaction.
@@ -36,7 +43,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from qcloop.daemon.outbox import OUTBOX_SQL, OutMessage, insert_messages
+from qcloop.daemon.names import display, fs_path, raw_bytes
+from qcloop.daemon.outbox import OUTBOX_SQL, OutMessage, insert_messages, migrate_outbox
 
 LEDGER_FILE = "ledger.sqlite3"
 STATUSES = ("pending", "done", "failed", "quarantined")
@@ -60,6 +68,7 @@ CREATE TABLE IF NOT EXISTS images (
     quarantine_path TEXT,
     created_at      REAL    NOT NULL,
     updated_at      REAL    NOT NULL,
+    raw_path        BLOB,
     UNIQUE (path, content_hash)
 );
 CREATE INDEX IF NOT EXISTS images_by_path  ON images (path);
@@ -79,6 +88,13 @@ CREATE TABLE IF NOT EXISTS state (
     value      TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inbox (
+    id          INTEGER PRIMARY KEY,
+    topic       TEXT NOT NULL,
+    msg_key     TEXT UNIQUE,
+    received_at REAL NOT NULL,
+    outcome     TEXT NOT NULL
+);
 {OUTBOX_SQL}
 """
 
@@ -96,6 +112,13 @@ class ImageRow:
     crashes: int
     reason: str | None
     quarantine_path: str | None
+    raw_path: bytes | None = None
+    created_at: float = 0.0
+
+    @property
+    def fs_path(self) -> Path:
+        """The path to open (from the stored bytes when the name is not valid UTF-8)."""
+        return fs_path(self.path, self.raw_path)
 
 
 @dataclass(frozen=True)
@@ -110,7 +133,7 @@ class BatchRow:
 
 
 _IMAGE_COLS = ("id, path, content_hash, size, mtime_ns, status, batch, in_progress, crashes, "
-               "reason, quarantine_path")
+               "reason, quarantine_path, raw_path, created_at")
 _BATCH_COLS = "batch, status, revision, opened_at, last_image_at, closed_at, close_reason"
 
 
@@ -118,7 +141,7 @@ def _image(r: tuple | None) -> ImageRow | None:
     if r is None:
         return None
     return ImageRow(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), r[5], r[6], bool(r[7]), int(r[8]),
-                    r[9], r[10])
+                    r[9], r[10], None if r[11] is None else bytes(r[11]), float(r[12]))
 
 
 def _batch(r: tuple | None) -> BatchRow | None:
@@ -188,6 +211,7 @@ class Ledger:
         self.conn.execute("PRAGMA busy_timeout=30000")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.executescript(_SQL)
+        self._migrate()
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(LEDGER_SCHEMA),))
@@ -195,6 +219,13 @@ class Ledger:
             from qcloop.errors import QcloopError
 
             raise QcloopError(f"{self.path}: ledger schema {row[0]} is not the supported {LEDGER_SCHEMA}")
+
+    def _migrate(self) -> None:
+        """Columns added after the first release, for ledgers written by an older qcloop."""
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(images)")}
+        if "raw_path" not in have:
+            self.conn.execute("ALTER TABLE images ADD COLUMN raw_path BLOB")
+        migrate_outbox(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -266,34 +297,37 @@ class Ledger:
                 (key, value, time.time()))
 
     # ------------------------------------------------------------------ images
-    def find_image(self, path: str, content_hash: str) -> ImageRow | None:
+    def find_image(self, path: str | Path, content_hash: str) -> ImageRow | None:
         return _image(self.conn.execute(
             f"SELECT {_IMAGE_COLS} FROM images WHERE path = ? AND content_hash = ?",
-            (path, content_hash)).fetchone())
+            (display(path), content_hash)).fetchone())
 
-    def find_by_stat(self, path: str, size: int, mtime_ns: int) -> ImageRow | None:
+    def find_by_stat(self, path: str | Path, size: int, mtime_ns: int) -> ImageRow | None:
         """A finished row for this path with the same size and mtime (skips re-hashing)."""
         return _image(self.conn.execute(
             f"SELECT {_IMAGE_COLS} FROM images WHERE path = ? AND size = ? AND mtime_ns = ? "
             "AND status IN ('done', 'quarantined') ORDER BY id DESC LIMIT 1",
-            (path, size, mtime_ns)).fetchone())
+            (display(path), size, mtime_ns)).fetchone())
 
     def get_image(self, image_id: int) -> ImageRow | None:
         return _image(self.conn.execute(
             f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,)).fetchone())
 
-    def begin_image(self, path: str, content_hash: str, size: int, mtime_ns: int,
+    def begin_image(self, path: str | Path, content_hash: str, size: int, mtime_ns: int,
                     batch: str | None) -> ImageRow:
-        """Insert (or re-open) the image's row as ``pending`` and mark it in progress (commits)."""
+        """Insert (or re-open) the image's row as ``pending`` and mark it in progress (commits).
+
+        ``path`` may be a name that is not valid UTF-8: its text form is the key, its bytes are
+        kept in ``raw_path``."""
         now = time.time()
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO images (path, content_hash, size, mtime_ns, status, batch, in_progress, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, 1, ?, ?) "
+                "created_at, updated_at, raw_path) VALUES (?, ?, ?, ?, 'pending', ?, 1, ?, ?, ?) "
                 "ON CONFLICT(path, content_hash) DO UPDATE SET status = 'pending', in_progress = 1, "
                 "size = excluded.size, mtime_ns = excluded.mtime_ns, batch = excluded.batch, "
                 "updated_at = excluded.updated_at",
-                (path, content_hash, size, mtime_ns, batch, now, now))
+                (display(path), content_hash, size, mtime_ns, batch, now, now, raw_bytes(path)))
         row = self.find_image(path, content_hash)
         if row is None:  # pragma: no cover - just inserted in the same connection
             raise RuntimeError(f"ledger lost the row of {path}")
@@ -320,13 +354,21 @@ class Ledger:
                  particles, quarantine_path, time.time(), image_id))
             self.add_message(*messages)
 
-    def recover_interrupted(self) -> list[ImageRow]:
-        """At start-up: rows left ``in_progress`` were interrupted; count the crash, return them."""
+    def recover_interrupted(self, *, clean_stop: bool) -> list[ImageRow]:
+        """At start-up: rows left ``in_progress`` were interrupted; release and return them.
+
+        The poison-pill rule: the interruption counts against an image (``crashes`` + 1) only
+        when it alone was in analysis and the previous process was not stopping cleanly
+        (``clean_stop``: it had received SIGTERM/SIGINT; a machine shutdown or a kill after
+        ``TimeoutStopSec`` is not the image's fault).
+        """
         with self.transaction() as conn:
-            rows = [_image(r) for r in conn.execute(
-                f"SELECT {_IMAGE_COLS} FROM images WHERE in_progress = 1")]
-            conn.execute("UPDATE images SET in_progress = 0, crashes = crashes + 1 WHERE in_progress = 1")
-        return [r for r in rows if r is not None]
+            rows = [r for r in (_image(x) for x in conn.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE in_progress = 1")) if r is not None]
+            blame = len(rows) == 1 and not clean_stop
+            conn.execute("UPDATE images SET in_progress = 0, crashes = crashes + ? WHERE in_progress = 1",
+                         (int(blame),))
+        return rows
 
     def pending_images(self) -> list[ImageRow]:
         return [r for r in (_image(x) for x in self.conn.execute(
@@ -396,3 +438,52 @@ class Ledger:
 
     def outbox_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def latest_closed_batch(self) -> dict[str, Any] | None:
+        """The published result of the batch closed last (to restore the last-batch gauges)."""
+        row = self.conn.execute("SELECT result_json FROM batches WHERE status = 'closed' AND "
+                                "result_json IS NOT NULL ORDER BY closed_at DESC LIMIT 1").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def last_image_time(self) -> float | None:
+        row = self.conn.execute("SELECT MAX(created_at) FROM images").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    # ------------------------------------------------------------------ inbox
+    def inbox_seen(self, msg_key: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM inbox WHERE msg_key = ?", (msg_key,)).fetchone() is not None
+
+    def inbox_add(self, topic: str, msg_key: str | None, outcome: str, t: float) -> None:
+        """Record a handled inbound message (in the current transaction)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO inbox (topic, msg_key, received_at, outcome) "
+                         "VALUES (?, ?, ?, ?)", (topic, msg_key, t, outcome))
+
+    # ------------------------------------------------------------------ retention
+    def prune(self, *, particles_before: float, rows_before: float, inbox_before: float,
+              inbox_max_rows: int, limit: int, file_exists) -> dict[str, int]:
+        """One bounded retention pass (see :class:`qcloop.config.RetentionConfig`).
+
+        Drops the particle tables of images in batches closed before ``particles_before``; deletes
+        finished image rows created before ``rows_before`` whose file is gone
+        (``file_exists(row) -> bool``); trims the inbox by age and count. At most ``limit`` rows
+        of each kind per call. Returns what was done, by kind.
+        """
+        done = {"particles": 0, "rows": 0, "inbox": 0}
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE images SET particles = NULL WHERE id IN (SELECT i.id FROM images i JOIN batches b "
+                "ON i.batch = b.batch WHERE i.particles IS NOT NULL AND b.status = 'closed' AND "
+                "b.closed_at < ? LIMIT ?)", (particles_before, limit))
+            done["particles"] = cur.rowcount
+            old = [_image(r) for r in conn.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE created_at < ? AND status != 'pending' "
+                "ORDER BY id LIMIT ?", (rows_before, limit))]
+            gone = [(r.id,) for r in old if r is not None and not file_exists(r)]
+            conn.executemany("DELETE FROM images WHERE id = ?", gone)
+            done["rows"] = len(gone)
+            cur = conn.execute("DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE received_at < ? "
+                               "OR id <= (SELECT MAX(id) FROM inbox) - ? ORDER BY id LIMIT ?)",
+                               (inbox_before, inbox_max_rows, limit))
+            done["inbox"] = cur.rowcount
+        return done

@@ -29,7 +29,20 @@ qcloop_mqtt_published_total                 messages acknowledged by the broker
 qcloop_mqtt_rejected_total                  messages the broker refused (PUBACK >= 0x80)
 qcloop_outbox_messages                      messages waiting for a PUBACK
 qcloop_errors_total{kind}                   error events, by kind
+qcloop_healthy                              1 while every thread lives and nothing stalls
+qcloop_mqtt_connect_failures_total{reason}  failed connects (refused, tls-verify, auth, ...)
+qcloop_mqtt_expired_total                   outbox messages dropped unsent: expired
+qcloop_inbound_messages_total{topic}        inbound messages handled, by topic
+qcloop_inbound_rejected_total{topic,reason} refused at the edge (too-large, too-deep, ...)
+qcloop_inbound_duplicates_total             redeliveries of messages already handled
+qcloop_watch_last_file_timestamp_seconds    when the watcher last saw a new file
+qcloop_watch_problems_total{kind}           links the watcher will not follow, by kind
+qcloop_retention_pruned_total{kind}         particles, rows, inbox, quarantine, seen
 =========================================  ==========================================
+
+Every label set the daemon can produce is created at start (value 0), so ``increase()`` counts
+the first event too. The HTTP endpoint (:mod:`qcloop.daemon.http`) adds ``line="<line_id>"`` to
+every series, from the same setting as ``qcloop_info{line_id}``.
 """
 
 from __future__ import annotations
@@ -40,6 +53,11 @@ from typing import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from qcloop.batch import parse_metric_name
+
+#: pipeline stages timed in ``qcloop_stage_seconds{stage}`` (``qcloop.pipeline.Pipeline.analyze``)
+STAGES = ("load", "segment", "lobes", "measure", "embed", "classify")
+WATCH_PROBLEMS = ("symlink-loop", "dangling-link", "outside-link", "not-a-file", "unreadable")
+RETENTION_KINDS = ("particles", "rows", "inbox", "quarantine", "seen")
 
 # stage latencies from 50 ms (tiny image, classical) to 10 min (SAM auto mode on CPU)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
@@ -104,12 +122,64 @@ class DaemonMetrics:
         self.outbox = Gauge("qcloop_outbox_messages", "Messages stored and not yet acknowledged",
                             registry=r)
         self.errors = Counter("qcloop_errors", "Error events, by kind", ["kind"], registry=r)
-        # make the always-present label sets visible from the first scrape
-        for kind in ("quarantined", "analysis-failed", "hook-failed", "command-rejected",
-                     "mqtt-rejected", "batch-metrics-failed"):
-            self.errors.labels(kind=kind)
-        for verdict in ("pass", "fail", "insufficient", "error"):
-            self.batches_closed.labels(verdict=verdict)
+        self.healthy = Gauge("qcloop_healthy", "1 while every daemon thread lives and the worker is not stalled",
+                             registry=r)
+        self.mqtt_connect_failures = Counter("qcloop_mqtt_connect_failures", "Failed connects to the broker, by reason",
+                                             ["reason"], registry=r)
+        self.mqtt_expired = Counter("qcloop_mqtt_expired", "Outbox messages dropped unsent because they expired",
+                                    registry=r)
+        self.inbound = Counter("qcloop_inbound_messages", "Inbound MQTT messages handled, by topic", ["topic"],
+                               registry=r)
+        self.inbound_rejected = Counter("qcloop_inbound_rejected", "Inbound messages refused at the edge",
+                                        ["topic", "reason"], registry=r)
+        self.inbound_duplicates = Counter("qcloop_inbound_duplicates",
+                                          "Redelivered inbound messages that were already handled", registry=r)
+        self.watch_last_file = Gauge("qcloop_watch_last_file_timestamp_seconds",
+                                     "Unix time the watcher last saw a new file", registry=r)
+        self.watch_problems = Counter("qcloop_watch_problems", "Links the watcher will not follow, by kind",
+                                      ["kind"], registry=r)
+        self.retention = Counter("qcloop_retention_pruned", "Items removed by retention, by kind", ["kind"],
+                                 registry=r)
+        self._precreate()
+
+    def _precreate(self) -> None:
+        """Every label set that can occur, at 0 from the first scrape."""
+        from qcloop.daemon.contracts import contracts
+        from qcloop.daemon.inbound import REJECT_REASONS
+        from qcloop.daemon.messages import ERROR_KINDS
+        from qcloop.daemon.mqtt import CONNECT_FAILURES
+
+        table = [(self.errors, "kind", ERROR_KINDS + ("mqtt-rejected",)),
+                 (self.batches_closed, "verdict", ("pass", "fail", "insufficient", "error")),
+                 (self.stage_seconds, "stage", STAGES),
+                 (self.mqtt_connect_failures, "reason", CONNECT_FAILURES),
+                 (self.watch_problems, "kind", WATCH_PROBLEMS),
+                 (self.retention, "kind", RETENTION_KINDS)]
+        for metric, label, values in table:
+            for v in values:
+                metric.labels(**{label: v})
+        inbound = [c.topic for c in contracts().values() if c.direction == "in"]
+        for topic in inbound:
+            self.inbound.labels(topic=topic)
+            for reason in REJECT_REASONS:
+                self.inbound_rejected.labels(topic=topic, reason=reason)
+
+    def precreate_classes(self, classes) -> None:
+        """``qcloop_particles_total{class}`` for every class the pipeline can report."""
+        for cls in classes:
+            self.particles.labels(**{"class": str(cls)})
+
+    def restore_batch(self, result: Mapping | None) -> None:
+        """Last-batch gauges from the stored result of the batch closed last (at start)."""
+        if not result:
+            return
+        from datetime import datetime
+
+        checks = result.get("checks")
+        closed = datetime.fromisoformat(str(result["closed_at"])).timestamp()
+        self.set_batch(result.get("flat") or {}, passed=None if not checks else bool(checks.get("passed")),
+                       n_particles=int(result.get("n_particles") or 0), n_images=int(result.get("n_images") or 0),
+                       closed_at=closed)
 
     def set_batch(self, flat: Mapping[str, float], *, passed: bool | None, n_particles: int,
                   n_images: int, closed_at: float) -> None:

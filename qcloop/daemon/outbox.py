@@ -33,9 +33,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload     BLOB    NOT NULL,
     qos         INTEGER NOT NULL,
     retain      INTEGER NOT NULL,
-    created_at  REAL    NOT NULL
+    created_at  REAL    NOT NULL,
+    expires_at  REAL,
+    props       TEXT
 );
 """
+#: columns added after the first release (added by :func:`migrate_outbox` to older ledgers)
+OUTBOX_ADDED_COLUMNS = (("expires_at", "REAL"), ("props", "TEXT"))
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,23 @@ class OutMessage:
     qos : int
         0, 1 or 2 (default 1).
     retain : bool
+    schema : str, optional
+        Name of its JSON Schema in ``qcloop/schemas`` (set by :mod:`qcloop.daemon.messages`).
+    expires_at : float, optional
+        Unix time after which the message is useless: sent with the MQTT v5 message expiry
+        interval set to the time left, and dropped from the outbox unsent once past.
+    response_topic, correlation_data : optional
+        MQTT v5 request/response properties (the suggestion -> ack exchange).
     """
 
     topic: str
     payload: Mapping[str, Any]
     qos: int = 1
     retain: bool = False
+    schema: str | None = None
+    expires_at: float | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1, 2):
@@ -73,19 +88,41 @@ class OutMessage:
         body.setdefault("msg_id", uuid.uuid4().hex)
         return str(body["msg_id"]), json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
 
+    def props_json(self) -> str | None:
+        """The MQTT v5 properties to store with the row (JSON), or None."""
+        props = {}
+        if self.response_topic:
+            props["response_topic"] = self.response_topic
+        if self.correlation_data is not None:
+            props["correlation_data"] = self.correlation_data.hex()
+        return json.dumps(props) if props else None
+
 
 @dataclass(frozen=True)
 class InboundMessage:
-    """A message received on a subscribed topic (handled on the worker thread)."""
+    """A message received on a subscribed topic (handled on the worker thread).
+
+    ``mid`` is the MQTT packet id (the daemon acknowledges it only after the ledger commit that
+    handled it); ``response_topic`` / ``correlation_data`` are the MQTT v5 request/response
+    properties (None from v3 clients); ``dup`` is the redelivery flag.
+    """
 
     topic: str
     payload: bytes
     qos: int = 0
     retain: bool = False
     received_at: float = field(default_factory=time.time)
+    mid: int = 0
+    dup: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
 
     def json(self) -> Any:
-        """Payload decoded as JSON (raises ValueError for anything else)."""
+        """Payload decoded as JSON; None for an empty payload (a cleared retained message).
+
+        Raises ValueError for anything else."""
+        if not self.payload.strip():
+            return None
         try:
             return json.loads(self.payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -100,6 +137,8 @@ class OutboxRow:
     payload: bytes
     qos: int
     retain: bool
+    expires_at: float | None = None
+    props: dict | None = None
 
 
 def jsonable(obj: Any) -> Any:
@@ -145,12 +184,20 @@ def insert_messages(conn: sqlite3.Connection, messages: Iterable[OutMessage]) ->
     for m in messages:
         msg_id, body = m.encoded()
         conn.execute(
-            "INSERT OR IGNORE INTO outbox (msg_id, topic, payload, qos, retain, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (msg_id, m.topic, body, int(m.qos), int(bool(m.retain)), now),
+            "INSERT OR IGNORE INTO outbox (msg_id, topic, payload, qos, retain, created_at, expires_at, props) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg_id, m.topic, body, int(m.qos), int(bool(m.retain)), now, m.expires_at, m.props_json()),
         )
         ids.append(msg_id)
     return ids
+
+
+def migrate_outbox(conn: sqlite3.Connection) -> None:
+    """Add the columns of :data:`OUTBOX_ADDED_COLUMNS` to an outbox table made by an older qcloop."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+    for name, kind in OUTBOX_ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
 
 
 class Outbox:
@@ -163,13 +210,16 @@ class Outbox:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA busy_timeout=30000")
         self.conn.execute(OUTBOX_SQL)
+        migrate_outbox(self.conn)
 
     def fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
         """Up to ``limit`` rows with id > ``after_id``, oldest first."""
         cur = self.conn.execute(
-            "SELECT id, msg_id, topic, payload, qos, retain FROM outbox WHERE id > ? "
+            "SELECT id, msg_id, topic, payload, qos, retain, expires_at, props FROM outbox WHERE id > ? "
             "ORDER BY id LIMIT ?", (after_id, limit))
-        return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), int(r[4]), bool(r[5])) for r in cur]
+        return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), int(r[4]), bool(r[5]),
+                          None if r[6] is None else float(r[6]), json.loads(r[7]) if r[7] else None)
+                for r in cur]
 
     def delete(self, ids: Iterable[int]) -> None:
         ids = list(ids)

@@ -8,17 +8,27 @@ start-up (including those that arrived while the daemon was down) are found by a
 A file is *settled* when its size and mtime have not changed for ``settle_seconds``
 (observed, not inferred from the mtime: clocks of file servers drift). Many events for one
 file collapse into one entry, and a file is handed over again only if its size or mtime
-changed since it was last handed over. Only paths travel (the queue never holds pixels);
-decoding and the ledger check are the worker's job.
+changed since it was last handed over (the watcher remembers at most ``retention.seen_max``
+file states, least recently seen forgotten first; the ledger still keeps a forgotten file from
+being analysed twice). Only paths travel (the queue never holds pixels); decoding and the
+ledger check are the worker's job.
+
+Nothing a share can hold stops the watcher: symbolic links are followed only when they end
+inside the watched folder; loops, dangling links and links out of the tree are reported once
+(``on_problem``) and skipped; a name that is not valid UTF-8 travels as Python's
+surrogate-escaped ``str`` (see :mod:`qcloop.daemon.names`); an exception while looking at one
+file is logged and the scan goes on with the next.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -30,6 +40,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from qcloop.config import WatchConfig
+from qcloop.daemon.names import display
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +107,19 @@ class Watcher:
         Called from the settle thread; must be quick (the daemon puts the item on a queue).
     exclude : iterable of Path
         Folders never reported (the state directory when it lies inside the watched folder).
+    on_problem : callable, optional
+        ``on_problem(kind, path_text, message)`` once per path the watcher will not follow
+        (``symlink-loop``, ``dangling-link``, ``outside-link``, ``not-a-file``, ``unreadable``); from the
+        watcher's threads: must be quick.
+    on_seen : callable, optional
+        Called (no arguments) whenever a new file state is noticed.
+    seen_max : int
+        File states remembered (see the module docstring).
     """
 
     def __init__(self, cfg: WatchConfig, on_ready: Callable[[ReadyFile], None], *,
-                 exclude: Iterable[Path] = ()):
+                 exclude: Iterable[Path] = (), on_problem: Callable[[str, str, str], None] | None = None,
+                 on_seen: Callable[[], None] | None = None, seen_max: int = 100_000):
         if cfg.directory is None:
             from qcloop.errors import ConfigError
 
@@ -111,7 +131,12 @@ class Watcher:
         self._patterns = [p.lower() for p in cfg.patterns]
         self._lock = threading.Lock()
         self._pending: dict[Path, _Entry] = {}
-        self._emitted: dict[Path, tuple[int, int]] = {}
+        self._emitted: OrderedDict[Path, tuple[int, int]] = OrderedDict()
+        self.seen_max = seen_max
+        self.forgotten = 0
+        self.on_problem = on_problem
+        self.on_seen = on_seen
+        self._reported: set[str] = set()
         self._scan_requests: list[Path] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -186,22 +211,52 @@ class Watcher:
             self._emitted.pop(Path(path), None)
 
     def matches(self, path: Path) -> bool:
+        """A file the worker should see: pattern, not hidden, really inside the watched tree."""
         name = path.name
         if name.startswith("."):
             return False
         low = name.lower()
         if not any(fnmatch.fnmatchcase(low, p) for p in self._patterns):
             return False
-        try:
-            rp = path.resolve()
-        except OSError:
+        rp = self._resolve(path)
+        if rp is None:
             return False
         if self.root not in rp.parents:
+            self._problem("outside-link", path, f"link to {display(rp)}, outside the watched folder; not followed")
             return False
-        for ex in self.exclude:
-            if rp == ex or ex in rp.parents:
-                return False
-        return True
+        return not any(rp == ex or ex in rp.parents for ex in self.exclude)
+
+    def _resolve(self, path: Path) -> Path | None:
+        """The real path (links followed), or None with the problem reported once."""
+        try:
+            return Path(os.path.realpath(path, strict=True))
+        except FileNotFoundError:
+            if os.path.islink(path):
+                self._problem("dangling-link", path, "symbolic link to a file that does not exist")
+            return None
+        except OSError as exc:
+            kind = "symlink-loop" if exc.errno == errno.ELOOP else "unreadable"
+            self._problem(kind, path, "symbolic link loop" if kind == "symlink-loop" else
+                          f"cannot resolve: {exc.strerror or exc}")
+            return None
+        except (RuntimeError, ValueError) as exc:  # RuntimeError: loop (older Pythons); ValueError: NUL
+            self._problem("symlink-loop", path, f"cannot resolve: {exc}")
+            return None
+
+    def _problem(self, kind: str, path: Path, message: str) -> None:
+        text = display(path)
+        with self._lock:
+            if text in self._reported:
+                return
+            if len(self._reported) >= self.seen_max:
+                self._reported.clear()
+            self._reported.add(text)
+        log.warning("watcher: %s: %s", text, message)
+        if self.on_problem is not None:
+            try:
+                self.on_problem(kind, text, message)
+            except Exception:  # noqa: BLE001
+                log.exception("watcher: problem callback failed")
 
     # ------------------------------------------------------------------ events
     def notice(self, path: Path, *, from_scan: bool = False) -> None:
@@ -213,6 +268,8 @@ class Watcher:
         except OSError:
             return
         if not os.path.isfile(path):
+            if not os.path.isdir(path):  # a FIFO, socket or device named like an image
+                self._problem("not-a-file", path, "not a regular file; not opened")
             return
         now = time.monotonic()
         key = Path(path)
@@ -221,8 +278,11 @@ class Watcher:
             e = self._pending.get(key)
             if e is None:
                 if self._emitted.get(key) == (st.st_size, st.st_mtime_ns):
+                    self._emitted.move_to_end(key)
                     return  # already handed over in exactly this state
                 self._pending[key] = _Entry(st.st_size, st.st_mtime_ns, now, time.time(), from_scan)
+                if self.on_seen is not None:
+                    self.on_seen()
             elif (e.size, e.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 e.size, e.mtime_ns, e.stable_since = st.st_size, st.st_mtime_ns, now
                 e.decode_attempt, e.force = 0, False
@@ -260,7 +320,7 @@ class Watcher:
                         return
                     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                     for name in sorted(filenames):
-                        self.notice(Path(dirpath) / name, from_scan=True)
+                        self._notice_safely(Path(dirpath) / name)
                         n += 1
             except OSError as exc:
                 log.warning("watcher: cannot scan %s: %s", folder, exc)
@@ -270,6 +330,20 @@ class Watcher:
                         self._scan_requests.pop(0)
                     self.stats.scanned += n
             log.info("watcher: scanned %s (%d files)", folder, n)
+
+    def _notice_safely(self, path: Path) -> None:
+        try:
+            self.notice(path, from_scan=True)
+        except Exception as exc:  # noqa: BLE001 - one odd file must not end the scan
+            self._problem("unreadable", path, f"{type(exc).__name__}: {exc}")
+
+    def _remember(self, path: Path, state: tuple[int, int]) -> None:
+        """Record a hand-over (lock held); forget the least recently seen beyond ``seen_max``."""
+        self._emitted[path] = state
+        self._emitted.move_to_end(path)
+        while len(self._emitted) > self.seen_max:
+            self._emitted.popitem(last=False)
+            self.forgotten += 1
 
     def _check(self) -> None:
         now = time.monotonic()
@@ -299,7 +373,7 @@ class Watcher:
                 del self._pending[path]
                 if not e.force and self._emitted.get(path) == (e.size, e.mtime_ns):
                     continue
-                self._emitted[path] = (e.size, e.mtime_ns)
+                self._remember(path, (e.size, e.mtime_ns))
                 self.stats.emitted += 1
             self.on_ready(ReadyFile(path=path, size=e.size, mtime_ns=e.mtime_ns,
                                     first_seen=e.first_seen, settled_at=time.time(),
@@ -312,6 +386,12 @@ class _Handler(FileSystemEventHandler):
         self.w = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:  # noqa: BLE001 - an exception here would end the observer thread
+            log.exception("watcher: cannot handle %r", event)
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
         w = self.w
         if isinstance(event, (FileMovedEvent, DirMovedEvent)):
             dest = Path(os.fsdecode(event.dest_path))

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,7 +96,7 @@ class Broker:
 
     def __init__(self, workdir: Path, *, port: int | None = None, tls: dict | None = None,
                  passwords: dict[str, str] | None = None, acl: str | None = None,
-                 persistence: bool = False):
+                 persistence: bool = False, extra: list[str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -125,6 +126,7 @@ class Broker:
         if tls:
             lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}",
                       "tls_version tlsv1.2"]
+        lines += list(extra or [])
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.log = self.workdir / "mosquitto.log"
@@ -152,8 +154,8 @@ class Broker:
         self.proc = None
 
 
-def make_certs(d: Path) -> dict[str, Path]:
-    """CA + server certificate for 127.0.0.1/localhost, made with the openssl CLI."""
+def make_certs(d: Path, *, san: str = "DNS:localhost,IP:127.0.0.1") -> dict[str, Path]:
+    """A CA + a server certificate for ``san``, made with the openssl CLI at test time."""
     d.mkdir(parents=True, exist_ok=True)
 
     def ossl(*args: str) -> None:
@@ -161,23 +163,48 @@ def make_certs(d: Path) -> dict[str, Path]:
 
     ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qcloop-test-ca",
          "-keyout", "ca.key", "-out", "ca.crt")
-    ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=qcloop-test-server", "-keyout", "server.key",
          "-out", "server.csr")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "san.ext").write_text(f"subjectAltName={san}\n")
     ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
          "-days", "2", "-out", "server.crt", "-extfile", "san.ext")
     return {"ca": d / "ca.crt", "cert": d / "server.crt", "key": d / "server.key"}
 
 
 # ----------------------------------------------------------------------------- recorder
+@dataclass(frozen=True)
+class Received:
+    """One recorded message with its MQTT v5 properties."""
+
+    topic: str
+    body: Any
+    retain: bool
+    content_type: str | None = None
+    expiry: int | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
 class Recorder:
-    """Subscribes to ``{prefix}/#`` and records every message (topic, JSON, retain)."""
+    """Subscribes to ``{prefix}/#``, records every message and **validates** each one.
+
+    Every message on a topic qcloop publishes must match its schema in ``qcloop/schemas`` (found
+    by the schema's ``x-topic``) and carry the content type ``application/json``; a message on
+    a topic that has no schema at all is a violation too, unless the test names a schema for it
+    in ``extra_schemas`` (topic suffix -> JSON Schema; for test-only extension topics). Messages on
+    inbound topics (commands the test sends, possibly malformed on purpose) and empty payloads
+    (cleared retained messages) are recorded, not validated. :meth:`assert_valid` (also run by
+    :meth:`close`) fails the test on any violation.
+    """
 
     def __init__(self, host: str, port: int, prefix: str, *, username: str | None = None,
                  password: str | None = None, tls_ca: Path | None = None,
-                 persistent: bool = False, timeout: float = 10.0):
+                 persistent: bool = False, timeout: float = 10.0,
+                 extra_schemas: dict[str, dict] | None = None):
         self.prefix = prefix
-        self.messages: list[tuple[str, Any, bool]] = []
+        self.received: list[Received] = []
+        self.problems: list[str] = []
+        self.extra = {k: _schema_validator(v) for k, v in (extra_schemas or {}).items()}
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self._subscribed = threading.Event()
@@ -205,19 +232,64 @@ class Recorder:
             c.loop_stop()
             raise RuntimeError("recorder could not subscribe")
 
+    @property
+    def messages(self) -> list[tuple[str, Any, bool]]:
+        with self.lock:
+            return [(r.topic, r.body, r.retain) for r in self.received]
+
     def _on_message(self, client, userdata, msg) -> None:
         try:
             body = json.loads(msg.payload.decode())
-        except ValueError:
+        except (ValueError, RecursionError):  # the tests send malformed payloads on purpose
             body = msg.payload
+        props = msg.properties
+        corr = getattr(props, "CorrelationData", None)
+        r = Received(msg.topic, body, bool(msg.retain), getattr(props, "ContentType", None),
+                     getattr(props, "MessageExpiryInterval", None), getattr(props, "ResponseTopic", None),
+                     None if corr is None else bytes(corr))
+        problem = self._check(r, msg.payload)
         with self.cond:
-            self.messages.append((msg.topic, body, bool(msg.retain)))
+            self.received.append(r)
+            if problem:
+                self.problems.append(problem)
             self.cond.notify_all()
+
+    def _check(self, r: Received, raw: bytes) -> str | None:
+        try:
+            from qcloop.daemon import contracts
+        except ImportError:  # an older qcloop (running a new test against it): record only
+            return None
+
+        suffix = r.topic[len(self.prefix) + 1:]
+        if raw == b"":
+            return None
+        if suffix in self.extra:
+            errors = [e.message for e in self.extra[suffix].iter_errors(r.body)]
+            return f"{suffix}: {errors[:3]}" if errors else None
+        c = contracts.for_topic(suffix)
+        if c is None:
+            return f"{suffix}: a topic with no schema in qcloop/schemas (payload {raw[:120]!r})"
+        if c.direction == "in":
+            return None
+        if r.content_type != "application/json":
+            return f"{suffix}: content type {r.content_type!r}, not application/json"
+        errors = c.errors(r.body)
+        return f"{suffix} ({c.name}.json): {errors[:3]}" if errors else None
+
+    def assert_valid(self) -> None:
+        with self.lock:
+            problems = list(self.problems)
+        assert not problems, f"{len(problems)} published message(s) fail their contract: {problems[:5]}"
 
     def on(self, suffix: str) -> list[Any]:
         topic = f"{self.prefix}/{suffix}"
         with self.lock:
-            return [b for t, b, _ in self.messages if t == topic]
+            return [r.body for r in self.received if r.topic == topic]
+
+    def full(self, suffix: str) -> list[Received]:
+        topic = f"{self.prefix}/{suffix}"
+        with self.lock:
+            return [r for r in self.received if r.topic == topic]
 
     def wait_for(self, pred: Callable[["Recorder"], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -229,25 +301,35 @@ class Recorder:
                 self.cond.wait(min(left, 0.5))
         return True
 
-    def close(self) -> None:
+    def close(self, *, check: bool = True) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        if check:
+            self.assert_valid()
 
 
-def publish(host: str, port: int, topic: str, payload: Any, *, retain: bool = False) -> None:
+def _schema_validator(schema: dict):
+    import jsonschema
+
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def publish(host: str, port: int, topic: str, payload: Any, *, retain: bool = False,
+            properties: Any = None) -> None:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
                     protocol=MQTTProtocolVersion.MQTTv5)
     c.connect(host, port)
     c.loop_start()
     data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
-    info = c.publish(topic, data, qos=1, retain=retain)
+    info = c.publish(topic, data, qos=1, retain=retain, properties=properties)
     info.wait_for_publish(5)
     c.disconnect()
     c.loop_stop()
 
 
 def clear_retained(host: str, port: int, prefix: str) -> None:
-    for suffix in ("status", "batches/result", "reactor/batch"):
+    for suffix in ("status", "batches/result", "reactor/batch", "reactor/setpoints", "commands/close-batch"):
         publish(host, port, f"{prefix}/{suffix}", b"", retain=True)
 
 
@@ -271,7 +353,8 @@ def write_config(path: Path, *, watch_dir: Path, state: Path, port: int, prefix:
         "batch": {"key": "regex:^(?P<batch>[A-Za-z0-9]+)_", "close_after_idle_s": 3600,
                   "min_particles": 5},
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix,
-                 "reconnect_min_s": 1, "reconnect_max_s": 2, "keepalive_s": 5},
+                 "reconnect_min_s": 1, "reconnect_max_s": 2, "keepalive_s": 5,
+                 "session_expiry_s": 300},  # the shared broker forgets test sessions soon
         "metrics": {"host": "127.0.0.1", "port": 0},
     }
     for key, value in sections.items():

@@ -13,7 +13,7 @@ import pytest
 from qcloop.config import BatchConfig, TargetSpec
 from qcloop.daemon.batches import BatchKeyer, MessageBatches, compute_batch
 from qcloop.daemon.metrics import split_metric_name
-from qcloop.daemon.service import sd_notify, watchdog_interval
+from qcloop.daemon.systemd import sd_notify, watchdog_interval
 
 
 def test_batch_keys(tmp_path: Path) -> None:

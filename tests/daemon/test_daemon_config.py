@@ -106,3 +106,28 @@ def test_run_reports_a_busy_metrics_port(tmp_path: Path, capsys: pytest.CaptureF
         p = _cfg(tmp_path, f"mqtt:\n  enabled: false\nmetrics:\n  port: {port}\n")
         assert main(["run", "--config", str(p)]) == 2
     assert re.search(rf"metrics\.port: cannot listen on 127\.0\.0\.1:{port}", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("state", ["export", "export/state", "."], ids=["equal", "inside", "above"])
+def test_state_dir_inside_or_above_the_watched_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 keep_signal_handlers, state: str) -> None:
+    """Issue 12 item 9: the daemon silently ignored every file; now check-config and start say why."""
+    (tmp_path / "export").mkdir()
+    p = tmp_path / "c.yaml"
+    p.write_text(f"watch:\n  directory: export\nstate_dir: '{state}'\nmqtt:\n  enabled: false\nmetrics:\n  enabled: false\n")
+    assert main(["check-config", str(p), "--no-env"]) == 2
+    assert re.search(r"state_dir: .* (is|lies (inside|above)) the watched folder", capsys.readouterr().err)
+    assert main(["run", "--config", str(p)]) == 2
+    assert re.search(r"state_dir: .* (is|lies (inside|above)) the watched folder", capsys.readouterr().err)
+
+
+def test_unloadable_tls_files_are_named_with_the_openssl_reason(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                keep_signal_handlers) -> None:
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    p = _cfg(tmp_path, "mqtt:\n  tls:\n    ca: ca.crt\nmetrics:\n  enabled: false\n")
+    assert main(["check-config", str(p), "--no-env"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"mqtt\.tls\.ca: cannot load .*ca\.crt: .*(pem|base64|no certificate|asn1|nodata)", err, re.I), err
+    (tmp_path / "ca.crt").write_text("")
+    assert main(["run", "--config", str(p)]) == 2
+    assert "mqtt.tls.ca: cannot load" in capsys.readouterr().err

@@ -119,7 +119,8 @@ def test_mosquitto_config_tls_password_and_acl(tmp_path: Path, certs: dict, pref
         link = MqttLink(MqttConfig(host="localhost", port=port, username="qcloop", password_file=pw,
                                    tls={"ca": certs["ca"]}),
                         client_id=f"acl-{uuid.uuid4().hex[:6]}", status_topic=f"{line}/status",
-                        status_payload=lambda s: {"state": s}, db_path=led.path, on_message=lambda m: None,
+                        status_payload=lambda s, c, will=False: {"state": s}, db_path=led.path,
+                        on_message=lambda m: None,
                         metrics=metrics)
         led.add_message(OutMessage(f"{line}/suggestions/ack", {"msg_id": "denied"}),
                         OutMessage(f"{line}/images/result", {"msg_id": "allowed"}))
@@ -134,7 +135,7 @@ def test_mosquitto_config_tls_password_and_acl(tmp_path: Path, certs: dict, pref
         assert mon.on("status")[-1] == {"state": "online"}
         link.stop()
         led.close()
-        mon.close()
+        mon.close(check=False)  # placeholder payloads: this test is about the ACL, not the contracts
         # no anonymous access, no plain-text listener
         with pytest.raises(RuntimeError):
             Recorder("localhost", port, line, tls_ca=certs["ca"], timeout=3)

@@ -54,11 +54,30 @@ def test_interrupted_images_count_crashes(tmp_path: Path) -> None:
     a = led.begin_image("/x/a.tif", "h1", 10, 1, "B1")
     led.close()  # "kill -9": the row stays in_progress
     led = Ledger(tmp_path)
-    rows = led.recover_interrupted()
+    rows = led.recover_interrupted(clean_stop=False)
     assert [r.id for r in rows] == [a.id]
     again = led.get_image(a.id)
     assert again.crashes == 1 and not again.in_progress and again.status == "pending"
-    assert led.recover_interrupted() == []
+    assert led.recover_interrupted(clean_stop=False) == []
+    # interrupted while the daemon was stopping cleanly (SIGTERM): not the image's fault
+    led.begin_image("/x/a.tif", "h1", 10, 1, "B1")
+    assert [r.id for r in led.recover_interrupted(clean_stop=True)] == [a.id]
+    assert led.get_image(a.id).crashes == 1
+    led.close()
+
+
+def test_names_that_are_not_utf8_are_stored_losslessly(tmp_path: Path) -> None:
+    import os
+
+    raw = b"/x/G_bad\xff\xfe.tif"
+    path = os.fsdecode(raw)  # what os.listdir hands over: str with lone surrogates
+    led = Ledger(tmp_path)
+    row = led.begin_image(path, "h1", 10, 1, "G")
+    assert row.path == "/x/G_bad\\xff\\xfe.tif" and row.raw_path == raw
+    assert os.fsencode(row.fs_path) == raw
+    assert led.find_image(path, "h1").id == row.id
+    led.finish_image(row.id, "done")
+    assert led.find_by_stat(path, 10, 1).id == row.id
     led.close()
 
 

@@ -11,16 +11,17 @@ from prometheus_client import CollectorRegistry
 from daemon_helpers import Broker, Recorder, clear_retained, validator, wait_until
 from qcloop.config import MqttConfig
 from qcloop.daemon.ledger import Ledger
+from qcloop.daemon.messages import status_payload
 from qcloop.daemon.metrics import DaemonMetrics
 from qcloop.daemon.mqtt import MqttLink
 from qcloop.daemon.outbox import OutMessage
 
 pytestmark = pytest.mark.broker
+SEQ = {"seq": {"type": "object", "required": ["msg_id", "i"]}}  # the test's own topic
 
 
-def _status(state: str) -> dict:
-    return {"schema_version": 1, "state": state, "line_id": "t1", "version": "0.1.0",
-            "config_hash": "0123456789ab", "time": "2025-01-01T00:00:00.000+00:00"}
+def _status(state: str, cause: str, will: bool = False) -> dict:
+    return status_payload("t1", "0123456789ab", state, cause, will=will)
 
 
 def _link(tmp_path: Path, cfg: MqttConfig, prefix: str, metrics: DaemonMetrics | None = None) -> tuple[MqttLink, Ledger]:
@@ -38,7 +39,7 @@ def _queue(led: Ledger, prefix: str, n: int, start: int = 0) -> None:
 
 def test_outbox_drains_in_order_after_puback(tmp_path: Path, machine_broker, prefix: str) -> None:
     host, port = machine_broker
-    rec = Recorder(host, port, prefix)
+    rec = Recorder(host, port, prefix, extra_schemas=SEQ)
     metrics = DaemonMetrics(CollectorRegistry())
     link, led = _link(tmp_path, MqttConfig(host=host, port=port, max_inflight=5), prefix, metrics)
     try:
@@ -69,7 +70,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, own_broker:
     cfg = MqttConfig(host=b.host, port=b.port, max_inflight=4, reconnect_min_s=1, reconnect_max_s=1,
                      keepalive_s=5)
     link, led = _link(tmp_path, cfg, prefix, metrics)
-    rec = Recorder(b.host, b.port, prefix)
+    rec = Recorder(b.host, b.port, prefix, extra_schemas=SEQ)
     try:
         link.start()
         assert link.wait_connected(10)
@@ -86,7 +87,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, own_broker:
             time.sleep(0.5)
         assert led.outbox_count() == 40
         b.start()
-        rec = Recorder(b.host, b.port, prefix)
+        rec = Recorder(b.host, b.port, prefix, extra_schemas=SEQ)
         assert link.wait_connected(15)
         assert rec.wait_for(lambda r: len(r.on("seq")) >= 40, 20)
         got = [m["i"] for m in rec.on("seq")]
@@ -106,7 +107,7 @@ def test_tls_and_password(tmp_path: Path, certs: dict, prefix: str) -> None:
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     try:
-        rec = Recorder(b.host, b.port, prefix, username="reader", password="r", tls_ca=certs["ca"])
+        rec = Recorder(b.host, b.port, prefix, username="reader", password="r", tls_ca=certs["ca"], extra_schemas=SEQ)
         cfg = MqttConfig(host="localhost", port=b.port, username="qcloop", password_file=pw,
                          tls={"ca": certs["ca"]})
         link, led = _link(tmp_path, cfg, prefix)
@@ -135,3 +136,44 @@ def test_tls_and_password(tmp_path: Path, certs: dict, prefix: str) -> None:
         rec.close()
     finally:
         b.stop()
+
+
+def test_suggestions_carry_expiry_response_topic_and_correlation_data(tmp_path: Path, machine_broker,
+                                                                      prefix: str) -> None:
+    """Issue 14 item 3: MQTT v5 message expiry = the suggestion's TTL (time left), response topic
+    = the ack topic, correlation data = its msg_id; an expired outbox row is dropped unsent."""
+    import time as _time
+
+    from qcloop.control.safety import Move
+    from qcloop.control.suggestions import Suggestion
+    from qcloop.daemon import messages
+
+    host, port = machine_broker
+    rec = Recorder(host, port, prefix)
+    metrics = DaemonMetrics(CollectorRegistry())
+    link, led = _link(tmp_path, MqttConfig(host=host, port=port), prefix, metrics)
+    now = _time.time()
+
+    def sugg(msg_id: str, created: float, ttl: float) -> Suggestion:
+        return Suggestion(msg_id=msg_id, batch_id="B1", line_id="t1", created_at=created, expires_at=created + ttl,
+                          mode="advisory", planner="pi", moves=(Move("temperature", "degC", 80.0, 82.0, 60.0, 100.0),), reason={"metric": "ecd_nm.mean", "observed": 60.0,
+                          "target": 50.0, "tolerance": 2.5, "n_particles": 100, "confidence": 1.0})
+
+    try:
+        led.add_message(messages.suggestion(prefix, sugg("gone", now - 100, 50)),  # expired while waiting
+                        messages.suggestion(prefix, sugg("s-1", now, 900)))
+        link.start()
+        assert link.wait_connected(10)
+        link.notify()
+        assert rec.wait_for(lambda r: len(r.full("suggestions")) == 1, 10)
+        got = rec.full("suggestions")[0]
+        assert got.body["msg_id"] == "s-1" and 895 <= got.expiry <= 900
+        assert got.response_topic == f"{prefix}/suggestions/ack" and got.correlation_data == b"s-1"
+        assert got.content_type == "application/json"
+        assert wait_until(lambda: led.outbox_count() == 0, 10)
+        assert metrics.mqtt_expired._value.get() == 1
+    finally:
+        link.stop()
+        led.close()
+        rec.close()
+        clear_retained(host, port, prefix)
