@@ -15,6 +15,7 @@ y = row, origin at the top-left pixel of the full frame.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -65,7 +66,10 @@ class SemImage:
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        """The file's stem as text: bytes that are not UTF-8 (names from SMB shares written in a
+        legacy code page) shown as ``\\xNN`` escapes, as :func:`qcloop.daemon.names.display`
+        does, so tables, CSV, Parquet and JSON can hold it."""
+        return os.fsencode(self.path.stem).decode("utf-8", "backslashreplace")
 
     @property
     def height_px(self) -> int:

@@ -84,10 +84,13 @@ def decode(payload: bytes, *, max_bytes: int, max_depth: int) -> Any:
         raise Rejected("not-json", f"payload is not UTF-8 JSON: {str(exc)[:200]}") from None
 
 
-def check(suffix: str, body: Any) -> None:
-    """Validate ``body`` against the inbound contract of ``suffix`` (no contract: no check)."""
+def check(suffix: str, body: Any, *, empty: bool = False) -> None:
+    """Validate ``body`` against the inbound contract of ``suffix`` (no contract: no check).
+
+    ``empty``: the payload was empty (a cleared retained message, or "close all" on
+    close-batch), which no schema describes; a JSON ``null`` is not empty and is checked."""
     c = contracts.for_topic(suffix, "in")
-    if c is None or body is None:
+    if c is None or empty:
         return
     errors = c.errors(body)
     if errors:
@@ -136,7 +139,7 @@ class Router:
     def parse(self, msg: InboundMessage, *, max_bytes: int, max_depth: int) -> Any:
         """Limits, JSON, schema (raises :class:`Rejected`); the decoded body."""
         body = decode(msg.payload, max_bytes=max_bytes, max_depth=max_depth)
-        check(self.suffix(msg.topic), body)
+        check(self.suffix(msg.topic), body, empty=not msg.payload.strip())
         return body
 
 
