@@ -54,10 +54,10 @@ DEMO_CONFIG: dict[str, Any] = {
         "rules": [
             # sphere ECD above target -> raise the temperature by 0.4 degC per nm
             {"metric": "ecd_nm.sphere.mean", "setpoint": "temperature", "gain": 0.4},
-            # too few spheres -> raise the reagent ratio by 0.5 per unit of sphere fraction below 0.95,
+            # too few spheres -> raise the reagent ratio by 1.0 per unit of sphere fraction below 0.95,
             # silent from 0.90 on (deadband); the line starts below the optimal ratio, so "up" is the
             # way. tolerance 0.15: held as uncertain only when the fraction's 95 % interval is wider
-            {"metric": "class_fraction.sphere", "setpoint": "reagent_ratio", "gain": -0.5,
+            {"metric": "class_fraction.sphere", "setpoint": "reagent_ratio", "gain": -1.0,
              "target": 0.95, "tolerance": 0.15, "deadband": 0.05},
             # classes not yet separated -> raise the ratio as well (0.5 per unit of silhouette below 0.55)
             {"metric": "silhouette", "setpoint": "reagent_ratio", "gain": -0.5},
