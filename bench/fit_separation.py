@@ -7,7 +7,7 @@ sharpness s). This script measures them on the image path, exactly as the demo d
 
 1. the demo's labelling batch (4 images at the demo's start setpoints), crops export, sorting
    by truth, ``qcloop train`` (:func:`qcloop.demo.labelling.train_classifier`);
-2. batches of the demo's size and image settings (4 images of 512 x 384 px at 1.5 nm) on a grid of p x s, two seeds
+2. batches of the demo's size and image settings (6 images of 512 x 384 px at 1.5 nm) on a grid of p x s, two seeds
    each, analysed by the pipeline with that classifier and scored like the daemon scores a
    closed batch (:func:`qcloop.daemon.batches.compute_batch`);
 3. least squares of silhouette and inter/total on (1, p, s, p*s); prints the fitted

@@ -63,8 +63,9 @@ DEMO_CONFIG: dict[str, Any] = {
             {"metric": "silhouette", "setpoint": "reagent_ratio", "gain": -0.5},
         ],
         # planner bayes: the line starts far from its optimum; a trust region of two max_steps around
-        # the best batch so far keeps the planner moving (bench/control.py scenario C: 9/10 seeds
-        # held within 12 batches, 6/10 with the default 1)
+        # the best batch so far lets the planner keep moving. Measured (bench/control.py scenario C):
+        # with images, broker and daemon 5/5 seeds held within 12 batches; the image-free bench
+        # (noisier silhouette) 6/10 seeds with 2 and with the default 1 alike
         "bayes": {"objective": {"ecd_nm.sphere.mean": 1.0, "class_fraction.sphere": 1.0, "silhouette": 1.0},
                   "trust_region": 2.0},
     },
