@@ -11,18 +11,29 @@ PI rules (ECD -> temperature only; the sphere yield has no monotone rule), the B
 with per-metric GPs (``model: metrics``, default) and with one GP of the objective
 (``model: objective``).
 
-Every batch is a finite particle sample (200 particles) with batch-to-batch noise; metrics and
-95 % half-widths come from qcloop.batch; verdicts from qcloop.targets; decisions from
-qcloop.control.Controller, exactly as in the daemon.
+Scenario C -- the demo campaign (``qcloop demo``): configs/demo.yaml's targets (sphere fraction
+>= 0.85, sphere ECD 50 +- 2.5 nm, silhouette >= 0.55), rules and setpoints, started where the
+demo starts; batches until every target is met and held for 3 batches (budget 12), for the PI
+rules and the Bayesian planner. The silhouette comes from the line's separation surface
+(SEPARATION_FIT, fitted to the image path by bench/fit_separation.py). ``--images`` runs the real
+thing instead: ``qcloop demo`` per seed and planner (broker on 127.0.0.1:1883, daemon, images;
+about 40 s a run).
+
+Every batch is a finite particle sample (200 particles; 240 in scenario C, as the demo's six
+images) with batch-to-batch noise; metrics and 95 % half-widths come from qcloop.batch; verdicts
+from qcloop.targets; decisions from qcloop.control.Controller, exactly as in the daemon.
 
     .venv/bin/python bench/control.py                 # seeds 0-4
     .venv/bin/python bench/control.py --seeds 20      # seeds 0-19
+    .venv/bin/python bench/control.py --images        # scenario C through broker, daemon and images
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,13 +82,61 @@ def temperature_for(model: ReactorModel, ecd: float) -> float:
     return (lo + hi) / 2
 
 
+def demo_settings(planner: str):
+    from qcloop.demo.config import DEMO_CONFIG
+
+    cfg = json.loads(json.dumps(DEMO_CONFIG))
+    cfg["control"]["planner"] = planner
+    return load_settings(use_env=False, targets=cfg["targets"], control=cfg["control"], batch=cfg["batch"])
+
+
+def held_from(passed: list[bool], hold: int = 3) -> int | None:
+    """First batch of the first run of ``hold`` passing batches (1-based), None without one."""
+    return next((k + 1 for k in range(len(passed) - hold + 1) if all(passed[k:k + hold])), None)
+
+
+def demo_campaign(seeds: list[int], images: bool) -> None:
+    from qcloop.demo.config import START_SETPOINTS
+
+    where = "broker + daemon + SEM images (qcloop demo)" if images else "pure functions"
+    print(f"Scenario C: the demo campaign, {where}; batches until every target holds for 3 (budget {BUDGET})")
+    for planner in ("pi", "bayes"):
+        firsts, t0 = [], time.perf_counter()
+        for seed in seeds:
+            if images:
+                from qcloop.demo.broker import free_port
+                from qcloop.demo.run import run_demo
+
+                out = Path(tempfile.mkdtemp(prefix=f"qcloop-bench-{planner}{seed}-"))
+                res = run_demo(out=out, seed=seed, planner=planner, batches=BUDGET, start_broker="never",
+                               metrics_port=free_port(), echo=lambda _line: None, progress=False)
+                passed = [r["passed"] for r in res.rows]
+            else:
+                steps = simulate_campaign(demo_settings(planner), ReactorModel(), START_SETPOINTS, BUDGET, seed,
+                                          n_particles=240)
+                passed = [st.passed for st in steps]
+            k = held_from(passed)
+            firsts.append(k)
+            print(f"  {planner:<5} seed {seed}: targets met from batch {k if k else '-'}, held 3   "
+                  + "".join("P" if p else "." for p in passed), flush=True)
+        ok = sum(1 for k in firsts if k is not None and k + 2 <= BUDGET)
+        dt = (time.perf_counter() - t0) / len(seeds)
+        print(f"  -> {planner:<5} {ok}/{len(seeds)} seeds met and held within {BUDGET} batches "
+              f"(batches to target {', '.join(str(k) if k else '>' + str(BUDGET) for k in firsts)}; {dt:.1f} s per campaign)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     ap.add_argument("--skip-objective", action="store_true", help="skip the bayes model=objective variant")
+    ap.add_argument("--images", action="store_true",
+                    help="scenario C only, through the real broker, daemon and images (qcloop demo per seed)")
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds))
     model = ReactorModel()
+    if args.images:
+        demo_campaign(seeds, images=True)
+        return 0
 
     print("Scenario A: one setpoint, PI, start 20 % above the ECD target (50 ± 2.5 nm)")
     s = one_setpoint()
@@ -112,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, ok, dt in summary:
         print(f"  -> {label:<26} {ok}/{len(seeds)} seeds within {BUDGET} batches "
               f"({dt / len(seeds):.1f} s planning+simulation per campaign)")
+    print()
+    demo_campaign(seeds, images=False)
     return 0
 
 

@@ -18,12 +18,32 @@ Two parts:
 Hidden response (the controller never sees these formulas)::
 
     ecd_nm        = 50 * exp(-0.05 * (T - 80)) * ratio ** 0.25          (about -2.5 nm/degC at 80 degC)
-    sphere yield  = 0.2 + 0.75 * exp(-((ratio - r_opt(T)) / 0.35) ** 2),  r_opt(T) = 1.2 + 0.02 * (T - 80)
-    size_cv       = 0.07 + 0.04 * |ratio - r_opt(T)|
-    rest          = rods 50 %, dumbbells 30 %, triangles 20 % of (1 - sphere yield)
+    off           = ratio - r_opt(T),   r_opt(T) = 1.2 + 0.02 * (T - 80)
+    sphere yield  = 0.2 + 0.75 * exp(-(off / 0.35) ** 2)
+    size_cv       = 0.07 + 0.04 * |off|
+    rest          = rods 40 %, triangles 35 %, cubes 25 % of (1 - sphere yield)
+    sharpness     = exp(-(off / 0.15) ** 2)        (synthesis progress: 0 ill-defined .. 1 sharp)
+
+The **sharpness** is the synthesis-progress response (Barnatan et al. 2025): away from the
+optimal ratio growth is ill-controlled and every particle stays close to a rounded, irregular
+seed; at the optimum the side products grow sharp facets and the classes separate. It sets the
+images' shapes (:meth:`TrueBatch.synth_fields`)::
+
+    rounding        = 0.65 - 0.55 * sharpness    (corner radius / in-radius of triangles, cubes, rods)
+    rounding_jitter = 0.03 + 0.20 * (1 - sharpness)  (per-particle spread of that rounding)
+    rod_aspect      = 1.6 + 1.9 * sharpness      (short blunt rods -> 3.5:1 rods)
+
+so the silhouette and the inter-class share of the embedding variance rise, and the intra-class
+share falls, as the loop brings the ratio to its optimum. The sharpness ridge is narrower than
+the yield's: a sphere fraction of 0.85 is reached at ``|off| = 0.13`` (sharpness 0.47), the
+sharp, well-separated product needs ``|off| < 0.08``.
 
 Batch-to-batch noise: ECD x (1 + N(0, ecd_noise)) with ecd_noise 1 %, sphere yield + N(0, yield_noise)
-with yield_noise 0.02.
+with yield_noise 0.02 (the sharpness has none of its own; the images' particles scatter around it).
+
+:func:`measure` (the image-free path) reproduces the separation metrics the image path gives from
+a response surface in (sphere fraction, sharpness) fitted to the real pipeline on the line's
+images: :data:`SEPARATION_FIT`, fitted by ``bench/fit_separation.py``.
 """
 
 from __future__ import annotations
@@ -46,22 +66,41 @@ SETPOINTS = ("temperature", "reagent_ratio")
 #: the line's sample preparation disperses the particles well on the substrate: few touch, none
 #: overlap (crowded, touching particles make segmentation, and so the size statistics, noisier)
 DEFAULT_SYNTH = {"touching_fraction": 0.05, "overlap_fraction": 0.0}
-OTHER_CLASSES = {"rod": 0.5, "dumbbell": 0.3, "triangle": 0.2}
+#: side products, shares of (1 - sphere yield); single-body shapes whose corners the sharpness sets
+OTHER_CLASSES = {"rod": 0.4, "triangle": 0.35, "cube": 0.25}
 
 
 # ============================================================================ the model
 @dataclass(frozen=True)
 class TrueBatch:
-    """What the reactor really made in one batch (before any measurement)."""
+    """What the reactor really made in one batch (before any measurement).
+
+    ``sharpness`` is the synthesis progress (0 rounded, ill-defined seeds .. 1 sharp, well
+    separated shapes); ``rounding``, ``rounding_jitter`` and ``rod_aspect`` are the image
+    generator's shape parameters it implies (module docstring).
+    """
 
     mean_ecd_nm: float
     size_cv: float
     class_fractions: Mapping[str, float]
     rounding: float
+    sharpness: float = 1.0
+    rounding_jitter: float = 0.03
+    rod_aspect: float = 3.5
 
     @property
     def sphere_fraction(self) -> float:
         return float(self.class_fractions.get("sphere", 0.0))
+
+    def synth_fields(self) -> dict[str, float]:
+        """The :class:`qcloop.synth.SynthSpec` shape fields of this batch's images."""
+        return {"rounding": self.rounding, "rounding_jitter": self.rounding_jitter, "rod_aspect": self.rod_aspect}
+
+
+def shape_of(sharpness: float) -> dict[str, float]:
+    """Image shape parameters for a sharpness in [0, 1] (module docstring)."""
+    m = float(min(max(sharpness, 0.0), 1.0))
+    return {"rounding": 0.65 - 0.55 * m, "rounding_jitter": 0.03 + 0.20 * (1.0 - m), "rod_aspect": 1.6 + 1.9 * m}
 
 
 @dataclass(frozen=True)
@@ -80,6 +119,8 @@ class ReactorModel:
         Batch-to-batch noise (relative for ECD, absolute for the sphere yield).
     ecd_offset_nm : float
         Constant shift of the ECD (to make a line whose curve is not the nominal one).
+    sharpness_width : float
+        Width of the sharpness ridge around the optimal ratio (``exp(-(off / width) ** 2)``).
     """
 
     ecd_ref_nm: float = 50.0
@@ -88,6 +129,7 @@ class ReactorModel:
     ecd_noise: float = 0.01
     yield_noise: float = 0.02
     ecd_offset_nm: float = 0.0
+    sharpness_width: float = 0.15
 
     def r_opt(self, temperature: float) -> float:
         return 1.2 + 0.02 * (temperature - 80.0)
@@ -101,7 +143,8 @@ class ReactorModel:
         off = r - self.r_opt(t)
         sphere = 0.2 + 0.75 * math.exp(-((off / 0.35) ** 2))
         cv = 0.07 + 0.04 * abs(off)
-        return TrueBatch(max(ecd, 5.0), min(cv, 0.3), _mix(sphere), rounding=0.15)
+        sharp = math.exp(-((off / self.sharpness_width) ** 2))
+        return TrueBatch(max(ecd, 5.0), min(cv, 0.3), _mix(sphere), sharpness=sharp, **shape_of(sharp))
 
     def batch(self, setpoints: Mapping[str, float], rng: np.random.Generator) -> TrueBatch:
         """One batch with batch-to-batch noise."""
@@ -117,13 +160,65 @@ def _mix(sphere: float) -> dict[str, float]:
     return {"sphere": sphere, **{k: rest * w for k, w in OTHER_CLASSES.items()}}
 
 
+# ============================================================================ image-free measurement
+@dataclass(frozen=True)
+class SeparationFit:
+    """Separation metrics of the image path as a response surface (see ``bench/fit_separation.py``).
+
+    ``value = c0 + c1 * p + c2 * s + c3 * p * s`` for the sphere fraction ``p`` and the
+    sharpness ``s``, plus normal noise of sd ``noise`` (the batch-to-batch scatter of the image
+    path at ~150 particles). ``inter_class_variance`` is the fitted share of ``total`` (the
+    number of non-constant embedding dimensions; batch standardisation).
+    """
+
+    silhouette: tuple[float, float, float, float]
+    silhouette_noise: float
+    inter_share: tuple[float, float, float, float]
+    inter_share_noise: float
+    total: float
+    fitted_on: str
+
+
+#: fitted by ``bench/fit_separation.py`` (its printout pasted here; R^2 0.71 silhouette, 0.75 inter share)
+SEPARATION_FIT = SeparationFit(
+    silhouette=(0.0971, 0.3972, 0.3512, -0.1877), silhouette_noise=0.0668,
+    inter_share=(0.5753, -0.0956, 0.1701, -0.0021), inter_share_noise=0.0378, total=49.0,
+    fitted_on="bench/fit_separation.py --seeds 2: 50 batches of 6 images (512x384 px at 1.5 nm), "
+              "p in (0.4, 0.55, 0.7, 0.85, 0.95), s in (0.0, 0.25, 0.5, 0.75, 1.0)",
+)
+
+
+def _surface(c: tuple[float, float, float, float], p: float, s: float) -> float:
+    return c[0] + c[1] * p + c[2] * s + c[3] * p * s
+
+
+def separation_of(batch: TrueBatch, counts: Mapping[str, int], rng: np.random.Generator,
+                  fit: SeparationFit = SEPARATION_FIT) -> dict[str, float]:
+    """Silhouette and inter/intra/total variance the image path would report for a sample of
+    ``batch`` with these class counts (silhouette NaN unless two classes have two particles,
+    as :func:`qcloop.batch.separation` has it)."""
+    s = batch.sharpness
+    n = sum(counts.values())
+    sphere_fraction = counts.get("sphere", 0) / n if n else 0.0
+    sil = _surface(fit.silhouette, sphere_fraction, s) + fit.silhouette_noise * rng.standard_normal()
+    if sum(1 for k in counts.values() if k >= 2) < 2:
+        sil = float("nan")
+    share = _surface(fit.inter_share, sphere_fraction, s) + fit.inter_share_noise * rng.standard_normal()
+    share = float(np.clip(share, 0.0, 1.0))
+    return {"silhouette": float(np.clip(sil, -1.0, 1.0)) if math.isfinite(sil) else sil, "inter_class_variance": share * fit.total,
+            "intra_class_variance": (1.0 - share) * fit.total, "total_variance": fit.total}
+
+
 def measure(batch: TrueBatch, rng: np.random.Generator, n_particles: int = 200) -> tuple[dict[str, float],
                                                                                         dict[str, float]]:
     """Metrics of a finite particle sample of ``batch`` (what image analysis would report).
 
     Draws ``n_particles`` log-normal ECDs and multinomial classes and computes the same flat
     names and 95 % half-widths as :class:`qcloop.batch.BatchMetrics` (``n_particles``,
-    ``ecd_nm.<stat>``, ``class_fraction.<cls>``, ``class_count.<cls>``).
+    ``ecd_nm.<stat>``, ``ecd_nm.<cls>.<stat>``, ``class_fraction.<cls>``, ``class_count.<cls>``)
+    and the separation metrics (``silhouette``, ``inter_class_variance``,
+    ``intra_class_variance``, ``total_variance``) from :data:`SEPARATION_FIT`. The classes are
+    the true ones (a classifier's mistakes are not modelled).
 
     Returns
     -------
@@ -137,19 +232,29 @@ def measure(batch: TrueBatch, rng: np.random.Generator, n_particles: int = 200) 
     names = list(batch.class_fractions)
     p = np.array([batch.class_fractions[k] for k in names], dtype=float)
     counts = rng.multinomial(n_particles, p / p.sum())
-    stats = SizeStats.of(ecd)
+    # the ECDs are iid: consecutive runs of them are a random split by class (no further draws,
+    # so the noise of later batches stays what it was before the per-class sizes existed)
+    local = np.random.default_rng(np.frombuffer(ecd[:2].tobytes(), dtype=np.uint32))
     flat: dict[str, float] = {"n_particles": float(n_particles), "n_images": 1.0, "n_border": 0.0}
     unc: dict[str, float] = {}
-    for k, v in stats.values().items():
-        flat[f"ecd_nm.{k}"] = v
-        unc[f"ecd_nm.{k}"] = float(stats.halfwidth[k])
+    _add_sizes(flat, unc, "ecd_nm", SizeStats.of(ecd))
+    start = 0
     for name, k in zip(names, counts):
         if k == 0:
             continue
+        _add_sizes(flat, unc, f"ecd_nm.{name}", SizeStats.of(ecd[start:start + k]))
+        start += k
         flat[f"class_count.{name}"] = float(k)
         flat[f"class_fraction.{name}"] = float(k) / n_particles
         unc[f"class_fraction.{name}"] = wilson_halfwidth(int(k), n_particles)
+    flat.update(separation_of(batch, dict(zip(names, (int(k) for k in counts))), local))
     return flat, unc
+
+
+def _add_sizes(flat: dict[str, float], unc: dict[str, float], prefix: str, stats: Any) -> None:
+    for k, v in stats.values().items():
+        flat[f"{prefix}.{k}"] = v
+        unc[f"{prefix}.{k}"] = float(stats.halfwidth[k])
 
 
 @dataclass
@@ -446,35 +551,50 @@ class SimulatedReactor:
     def make_batch(self) -> BatchRecord:
         """Start the next batch: announce it, make it, export its images into the watched folder."""
         from qcloop.control.suggestions import iso
-        from qcloop.synth import generate_batch, write_image
 
         self.n_batches += 1
         name = self.batch_name(self.n_batches)
         used = dict(self.setpoints)
         self._publish("reactor/batch", {"batch": name, "event": "start", "setpoints": used, "at": iso(time.time())})
         true = self.model.batch(used, self.rng)
-        images = generate_batch(true.mean_ecd_nm, true.size_cv, true.class_fractions, self.images_per_batch,
-                                seed=self.seed * 100003 + self.n_batches, pixel_size_nm=self.pixel_size_nm,
-                                width_px=self.width_px, height_px=self.height_px, rounding=true.rounding,
-                                **self.synth_overrides)
-        self.watch_dir.mkdir(parents=True, exist_ok=True)
+        paths = self.export_images(true, name, self.watch_dir, seed=self.seed * 100003 + self.n_batches)
+        self._publish("reactor/batch", {"batch": name, "event": "end", "setpoints": used, "at": iso(time.time())})
+        rec = BatchRecord(name, used, true, [str(p) for p in paths])
+        self.records.append(rec)
+        return rec
+
+    def export_images(self, true: TrueBatch, name: str, folder: str | Path, *, seed: int,
+                      n_images: int | None = None, truth_dir: str | Path | None = None) -> list[Path]:
+        """Write the synthetic SEM images of one batch into ``folder`` as ``<name>_imgNN.tif``.
+
+        Each image is written under a temporary name in the staging folder and renamed into
+        place (atomic: a watcher never sees a half-written file); its ground-truth CSV goes to
+        ``truth_dir`` (default: the reactor's ``truth_dir``; dropped when both are None) as
+        ``<name>_imgNN.csv``, never into ``folder``. MQTT is not touched.
+        """
+        from qcloop.synth import generate_batch, write_image
+
+        truth = Path(truth_dir) if truth_dir is not None else self.truth_dir
+        images = generate_batch(true.mean_ecd_nm, true.size_cv, true.class_fractions,
+                                self.images_per_batch if n_images is None else int(n_images), seed=seed,
+                                pixel_size_nm=self.pixel_size_nm, width_px=self.width_px, height_px=self.height_px,
+                                **{**true.synth_fields(), **self.synth_overrides})
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, img in enumerate(images, 1):
-            final = self.watch_dir / f"{name}_img{i:02d}.tif"
+            final = folder / f"{name}_img{i:02d}.tif"
             tmp = self.staging_dir / f".{final.name}.part"
             tif, csv = write_image(tmp.with_suffix(".tif"), img)
-            if self.truth_dir is not None:
-                self.truth_dir.mkdir(parents=True, exist_ok=True)
-                os.replace(csv, self.truth_dir / f"{final.stem}.csv")
+            if truth is not None:
+                truth.mkdir(parents=True, exist_ok=True)
+                os.replace(csv, truth / f"{final.stem}.csv")
             else:
                 csv.unlink(missing_ok=True)
-            os.replace(tif, final)  # atomic: the watcher never sees a half-written file
-            paths.append(str(final))
-        self._publish("reactor/batch", {"batch": name, "event": "end", "setpoints": used, "at": iso(time.time())})
-        rec = BatchRecord(name, used, true, paths)
-        self.records.append(rec)
-        return rec
+            os.replace(tif, final)
+            paths.append(final)
+        return paths
 
     def wait_for_decision(self, rec: BatchRecord, timeout: float) -> BatchRecord:
         """Wait until qcloop decided about ``rec`` (and its suggestion, if any, arrived); answer it."""

@@ -1,5 +1,9 @@
 """End to end: real broker, the real daemon (subprocess ``python -m qcloop run``) and the
-simulated line writing synthetic SEM images into the watched folder."""
+simulated line writing synthetic SEM images into the watched folder.
+
+The line here is steered on size alone (no classifier: every particle is of class
+``particle``): ECD mean 50 +- 2.5 nm by temperature. The shape-aware demo campaign (classifier,
+shape and separation targets, both setpoints) is tests/test_demo.py."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import yaml
 from qcloop_adapters.controllers.simulated_reactor import ReactorModel, SimulatedReactor
 from qcloop.config import load_settings
 from qcloop.control.safety import violations
-from qcloop.demo import DEMO_CONFIG, _wait_online
+from qcloop.demo.run import wait_online
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +33,21 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 MACHINE = ("127.0.0.1", 1883)
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+#: a size-only line: batches close 1 s after their last image, ECD mean -> temperature
+SIZE_LINE = {
+    "watch": {"directory": "watch", "settle_seconds": 0.3, "polling": False},
+    "batch": {"key": "regex:^(?P<batch>[^_]+)_", "close_after_idle_s": 1.0, "min_particles": 30},
+    "targets": {"ecd_nm.mean": {"target": 50.0, "tolerance": 2.5}},
+    "mqtt": {"host": "127.0.0.1", "port": 1883},
+    "metrics": {"host": "127.0.0.1", "port": 9464},
+    "control": {
+        "enabled": True, "planner": "pi", "mode": "advisory", "cooldown_batches": 0, "suggestion_ttl_s": 120,
+        "setpoints": [{"name": "temperature", "unit": "degC", "min": 60, "max": 100, "max_step": 2.0},
+                      {"name": "reagent_ratio", "unit": "", "min": 0.5, "max": 2.5, "max_step": 0.2}],
+        "rules": [{"metric": "ecd_nm.mean", "setpoint": "temperature", "gain": 0.4}],
+    },
+}
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -62,7 +81,7 @@ class Line:
         self.line_id = f"t{uuid.uuid4().hex[:10]}"
         self.prefix = f"qctest/{self.line_id}"
         self.metrics_port = _free_port()
-        cfg = json.loads(json.dumps(DEMO_CONFIG))
+        cfg = json.loads(json.dumps(SIZE_LINE))
         cfg.update(line_id=self.line_id, state_dir=str(tmp / "state"))
         cfg["watch"]["directory"] = str(tmp / "watch")
         (tmp / "watch").mkdir(parents=True, exist_ok=True)
@@ -87,7 +106,7 @@ class Line:
         self.log = open(self.tmp / f"daemon-{int(since)}.log", "w")
         self.daemon = subprocess.Popen([sys.executable, "-m", "qcloop", "run", "--config", str(self.cfg_path)],
                                        stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_online(self.host, self.port, self.prefix, since, self.daemon, timeout=90)
+        wait_online(self.host, self.port, self.prefix, since, self.daemon, timeout=90)
         time.sleep(0.3)
         assert self.daemon.poll() is None, (self.tmp / f"daemon-{int(since)}.log").read_text()[-3000:]
 
@@ -198,8 +217,10 @@ def test_pi_loop_reaches_and_holds_target_with_restart_mid_campaign(tmp_path, ma
         assert _metric(text, "qcloop_control_decisions_total", action="none", reason="on_target") >= 3
         # every metric the dashboard's control row queries is on the live endpoint
         dash = json.loads((REPO / "deploy/grafana/dashboards/qcloop.json").read_text())
-        row = [p for p in dash["panels"] if p["type"] != "row" and p["gridPos"]["y"] >= next(
-            r["gridPos"]["y"] for r in dash["panels"] if r["type"] == "row" and r["title"].startswith("Control"))]
+        rows_y = sorted(r["gridPos"]["y"] for r in dash["panels"] if r["type"] == "row")
+        top = next(r["gridPos"]["y"] for r in dash["panels"] if r["type"] == "row" and r["title"].startswith("Control"))
+        bottom = next((y for y in rows_y if y > top), float("inf"))
+        row = [p for p in dash["panels"] if p["type"] != "row" and top <= p["gridPos"]["y"] < bottom]
         used = {n for p in row for t in p["targets"] for n in re.findall(r"\bqcloop_[A-Za-z0-9_]+", t["expr"])}
         exposed = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln and not ln.startswith("#")}
         assert len(used) >= 5 and used <= exposed, used - exposed
