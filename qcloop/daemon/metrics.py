@@ -186,8 +186,10 @@ class DaemonMetrics:
         """Expose the latest closed batch (``flat`` = :meth:`qcloop.batch.BatchMetrics.flat`)."""
         self.batch_metric.clear()
         for key, value in flat.items():
+            # undefined metrics (a one-class batch has no silhouette) arrive as None from the
+            # JSON payload: exported as NaN, so the series exists and a panel shows "no value"
             try:
-                v = float(value)
+                v = float("nan") if value is None else float(value)
             except (TypeError, ValueError):
                 continue
             metric, cls = split_metric_name(key)

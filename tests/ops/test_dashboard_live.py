@@ -28,7 +28,7 @@ from prom_helpers import (HEALTH_ROW, Prometheus, binary, dashboard, free_port, 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-BATCHES = 2  # the line starts 20 % off target: a suggestion follows, the reactor acks it
+BATCHES = 2  # the line starts where the shape target fails: a suggestion follows, the reactor acks it
 
 
 def _mosquitto(tmp: Path) -> tuple[subprocess.Popen, int]:
@@ -46,29 +46,39 @@ def _mosquitto(tmp: Path) -> tuple[subprocess.Popen, int]:
 
 
 def _daemon_config(tmp: Path, mqtt_port: int, metrics_port: int, line_id: str) -> Path:
-    from qcloop.demo import DEMO_CONFIG
+    """The demo's configuration (shape targets, both setpoints), with this run's folders and ports."""
+    from qcloop.demo.config import MODEL_FILE, demo_config
 
-    cfg = json.loads(json.dumps(DEMO_CONFIG))
-    cfg.update(line_id=line_id, state_dir=str(tmp / "state"))
-    cfg["watch"]["directory"] = str(tmp / "watch")
+    cfg = demo_config(tmp, mqtt_host="127.0.0.1", mqtt_port=mqtt_port, metrics_port=metrics_port)
+    cfg.update(line_id=line_id)
     (tmp / "watch").mkdir(parents=True, exist_ok=True)
-    cfg["mqtt"].update(host="127.0.0.1", port=mqtt_port, topic_prefix="qctest/{line_id}",
-                       reconnect_min_s=0.2, reconnect_max_s=1.0)
-    cfg["metrics"]["port"] = metrics_port
+    cfg["mqtt"].update(topic_prefix="qctest/{line_id}", reconnect_min_s=0.2, reconnect_max_s=1.0)
+    assert cfg["pipeline"]["classifier"] == str((tmp / MODEL_FILE).resolve())
     path = tmp / "qcloop.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _temperature_for(ecd_nm: float) -> float:
-    """Reactor temperature at which the simulated line makes particles of ``ecd_nm`` (bisection)."""
-    from qcloop_adapters.controllers.simulated_reactor import ReactorModel
+def _reactor(tmp: Path, mqtt_port: int, line_id: str):
+    """The demo's simulated line (start setpoints off target: a suggestion follows), 2 images a batch."""
+    from qcloop.demo.config import IMAGE_SETTINGS, START_SETPOINTS
+    from qcloop_adapters.controllers.simulated_reactor import SimulatedReactor
 
-    m, lo, hi = ReactorModel(), 60.0, 100.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if m.response({"temperature": mid, "reagent_ratio": 1.2}).mean_ecd_nm > ecd_nm else (lo, mid)
-    return (lo + hi) / 2
+    return SimulatedReactor(host="127.0.0.1", port=mqtt_port, prefix=f"qctest/{line_id}",
+                            watch_dir=tmp / "watch", staging_dir=tmp / ".staging", start=START_SETPOINTS,
+                            images_per_batch=2, seed=5, **IMAGE_SETTINGS)
+
+
+def _train_classifier(tmp: Path, reactor, cfg: Path) -> None:
+    """The demo's labelling batch -> crops -> qcloop train, so class and separation panels have data."""
+    from qcloop.demo.config import LABELLING_IMAGES, MODEL_FILE, START_SETPOINTS
+    from qcloop.demo.labelling import train_classifier
+
+    truth = tmp / "labelling" / "truth"
+    images = reactor.export_images(reactor.model.batch(START_SETPOINTS, reactor.rng), "LAB",
+                                   tmp / "labelling" / "images", seed=99991, n_images=LABELLING_IMAGES,
+                                   truth_dir=truth)
+    train_classifier(images, truth, tmp / "labelling", cfg, tmp / MODEL_FILE, echo=lambda line: None)
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -84,8 +94,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
 @pytest.mark.timeout(400)
 def test_every_dashboard_query_returns_data_and_health_shows_down_after_stop(tmp_path: Path):
     binary("prometheus")
-    from qcloop.demo import _wait_online
-    from qcloop_adapters.controllers.simulated_reactor import SimulatedReactor
+    from qcloop.demo.run import wait_online
 
     mosq, mqtt_port = _mosquitto(tmp_path)
     metrics_port = free_port()
@@ -98,16 +107,15 @@ def test_every_dashboard_query_returns_data_and_health_shows_down_after_stop(tmp
         loaded = {r["name"] for g in prom.api("rules")["groups"] for r in g["rules"]}
         assert {"QcloopDown", "QcloopBrokerDisconnected", "QcloopOutboxBacklog"} <= loaded, loaded
 
+        reactor = _reactor(tmp_path, mqtt_port, line_id)
+        _train_classifier(tmp_path, reactor, cfg)
         since = time.time()
         log = open(tmp_path / "daemon.log", "wb")
         daemon = subprocess.Popen([sys.executable, "-m", "qcloop", "run", "--config", str(cfg)],
                                   stdout=log, stderr=subprocess.STDOUT)
-        _wait_online("127.0.0.1", mqtt_port, f"qctest/{line_id}", since, daemon, timeout=120)
+        wait_online("127.0.0.1", mqtt_port, f"qctest/{line_id}", since, daemon, timeout=120)
         prom.wait('up{job="qcloop"}', lambda r: values(r) == [1.0])
-        reactor = SimulatedReactor(host="127.0.0.1", port=mqtt_port, prefix=f"qctest/{line_id}",
-                                   watch_dir=tmp_path / "watch", staging_dir=tmp_path / ".staging",
-                                   start={"temperature": _temperature_for(60.0), "reagent_ratio": 1.2}, images_per_batch=2,
-                                   width_px=448, height_px=352, seed=5).connect()
+        reactor.connect()
         records = [reactor.run_batch(timeout=120) for _ in range(BATCHES)]
         assert all(r.decision is not None for r in records), (tmp_path / "daemon.log").read_text()[-3000:]
         assert any(r.suggestion is not None and r.ack for r in records), "no suggestion was acknowledged"
