@@ -123,3 +123,14 @@ def test_wheel_installs_in_a_fresh_venv_and_check_config_runs(wheel: Path, tmp_p
     assert r.returncode == 2 and "settle_seconds" in r.stderr, r.stderr
     r = qcloop("files", "--copy", str(tmp_path / "etc"), "deploy")
     assert r.returncode == 0 and (tmp_path / "etc/deploy/qcloop.service").is_file(), r.stderr
+
+
+def test_files_into_a_closed_pipe_prints_no_traceback():
+    """``qcloop files | head -1``: the reader has left before qcloop writes; no BrokenPipeError
+    traceback, the shell's exit status for SIGPIPE (141)."""
+    proc = subprocess.Popen([sys.executable, "-m", "qcloop", "files"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed before the interpreter has even started: the first write fails
+    err = proc.stderr.read()
+    assert proc.wait(120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
