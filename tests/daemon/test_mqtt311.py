@@ -1,8 +1,10 @@
-"""``mqtt.protocol: "3.1.1"``: the daemon against the machine's Mosquitto speaking MQTT 3.1.1.
+"""``mqtt.protocol: "3.1.1"``: the daemon against the machine's Mosquitto speaking MQTT 3.1.1
+(and against amqtt, the demo's last-resort broker, which speaks nothing else).
 
 Image and batch results, the online / offline status and an inbound command, each validated
 against its schema by a 3.1.1 Recorder, while a v5 Recorder on the same topics checks that no v5
-property arrives; the Last Will on ``kill -9``; commands sent while the daemon is killed and
+property arrives (Mosquitto); the Last Will on ``kill -9`` (both brokers); messages amqtt sends on
+topics the daemon never subscribed to are dropped; commands sent while the daemon is killed and
 restarted are all handled (persistent session, ``clean_session=False``, manual acks after the
 ledger commit); ``check-config --connect`` in 3.1.1 with the CONNACK return code of a refused login.
 """
@@ -30,6 +32,27 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 V311 = "3.1.1"
 
 
+@pytest.fixture(scope="module")
+def amqtt(tmp_path_factory):
+    """amqtt started as the demo starts it (MQTT 3.1.1, anonymous clients), for this module."""
+    from qcloop.demo.broker import ensure_broker, find_amqtt, free_port
+
+    if not find_amqtt():
+        pytest.skip("amqtt not installed (pip install 'qcloop[broker]')")
+    handle = ensure_broker("127.0.0.1", free_port(), start="amqtt", workdir=tmp_path_factory.mktemp("amqtt"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def broker311(request) -> tuple[str, int, str]:
+    """(host, port, kind): the machine's Mosquitto, or amqtt."""
+    if request.param == "mosquitto":
+        return (*request.getfixturevalue("machine_broker"), "mosquitto")
+    h = request.getfixturevalue("amqtt")
+    return h.host, h.port, "amqtt"
+
+
 def _config(tmp: Path, port: int, prefix: str, **mqtt) -> tuple[Path, str]:
     """A 3.1.1 daemon config with a known client id (its session is removed after the test)."""
     watch = tmp / "export"
@@ -53,11 +76,12 @@ def test_protocol_setting_is_validated() -> None:
         load_settings(use_env=False, mqtt={"protocol": "3.1"})
 
 
-def test_v311_results_status_and_commands_carry_no_v5_properties(tmp_path: Path, machine_broker, prefix: str) -> None:
-    host, port = machine_broker
+def test_v311_results_status_and_commands_carry_no_v5_properties(tmp_path: Path, broker311, prefix: str) -> None:
+    host, port, kind = broker311
     cfg, cid = _config(tmp_path, port, prefix)
     rec = Recorder(host, port, prefix, protocol=V311)  # validates every message against its schema
-    rec5 = Recorder(host, port, prefix, content_type=None)  # a v5 subscriber: must see no content type
+    # a v5 subscriber must see no content type, expiry, response topic, correlation data (amqtt: no v5 at all)
+    rec5 = Recorder(host, port, prefix, content_type=None) if kind == "mosquitto" else None
     log = tmp_path / "daemon.log"
     try:
         write_image(tmp_path / "export" / "A_000.tif", 1)
@@ -70,22 +94,24 @@ def test_v311_results_status_and_commands_carry_no_v5_properties(tmp_path: Path,
         assert rec.on("images/result")[0]["name"] == "A_000.tif" and rec.on("images/result")[0]["n_particles"] >= 5
         assert rec.on("batches/result")[0]["close_reason"] == "command"
         assert [s["state"] for s in rec.on("status")][-2:] == ["online", "offline"]
-        assert rec5.wait_for(lambda r: r.on("status") and r.on("status")[-1]["state"] == "offline", 10)
-        outbound = [m for m in rec5.received if not m.topic.endswith("close-batch")]
-        assert {m.topic.rsplit("/", 1)[-1] for m in outbound} >= {"result", "status"}
-        assert all(m.content_type is None and m.expiry is None and m.response_topic is None
-                   and m.correlation_data is None for m in outbound), outbound
+        if rec5 is not None:
+            assert rec5.wait_for(lambda r: r.on("status") and r.on("status")[-1]["state"] == "offline", 10)
+            outbound = [m for m in rec5.received if not m.topic.endswith("close-batch")]
+            assert {m.topic.rsplit("/", 1)[-1] for m in outbound} >= {"result", "status"}
+            assert all(m.content_type is None and m.expiry is None and m.response_topic is None
+                       and m.correlation_data is None for m in outbound), outbound
         text = log.read_text()
-        assert "connected to 127.0.0.1:1883 (session new)" in text and "Traceback" not in text
+        assert f"connected to 127.0.0.1:{port} (session new)" in text and "Traceback" not in text
     finally:
         rec.close()
-        rec5.close()
-        clear_retained(host, port, prefix)
+        if rec5 is not None:
+            rec5.close()
+        clear_retained(host, port, prefix, protocol=V311)
         forget_session(host, port, cid)
 
 
-def test_v311_last_will_on_kill_9(tmp_path: Path, machine_broker, prefix: str) -> None:
-    host, port = machine_broker
+def test_v311_last_will_on_kill_9(tmp_path: Path, broker311, prefix: str) -> None:
+    host, port, _ = broker311
     cfg, cid = _config(tmp_path, port, prefix, keepalive_s=5)
     rec = Recorder(host, port, prefix, protocol=V311)
     log = tmp_path / "daemon.log"
@@ -106,8 +132,51 @@ def test_v311_last_will_on_kill_9(tmp_path: Path, machine_broker, prefix: str) -
             late.close()
     finally:
         rec.close()
-        clear_retained(host, port, prefix)
+        clear_retained(host, port, prefix, protocol=V311)
         forget_session(host, port, cid)
+
+
+def test_messages_on_topics_never_subscribed_to_are_dropped(tmp_path: Path, amqtt, prefix: str) -> None:
+    """amqtt 0.12 sends a connecting client every retained message that matches *any* client's
+    subscription; the link hands the daemon only what it subscribed to."""
+    from prometheus_client import CollectorRegistry
+
+    from qcloop.config import MqttConfig
+    from qcloop.daemon.ledger import Ledger
+    from qcloop.daemon.metrics import DaemonMetrics
+    from qcloop.daemon.mqtt import MqttLink
+
+    rec = Recorder(amqtt.host, amqtt.port, prefix, protocol=V311)  # a subscription on {prefix}/#
+    publish(amqtt.host, amqtt.port, f"{prefix}/batches/result", b"{}", retain=True, protocol=V311)
+    raw = paho_client(f"raw-{uuid.uuid4().hex[:6]}", V311)
+    got_raw: list[str] = []
+    raw.on_message = lambda c, u, m: got_raw.append(m.topic)
+    raw.on_connect = lambda c, *a: c.subscribe(f"{prefix}/commands/close-batch", qos=1)
+    raw.connect(amqtt.host, amqtt.port)
+    raw.loop_start()
+    led = Ledger(tmp_path / "state")
+    got: list = []
+    cfg = MqttConfig(host=amqtt.host, port=amqtt.port, protocol=V311)
+    link = MqttLink(cfg, client_id=f"t-{uuid.uuid4().hex[:6]}", status_topic=f"{prefix}/status",
+                    status_payload=lambda state, cause, will=False: {"state": state},
+                    db_path=led.path, on_message=got.append, metrics=DaemonMetrics(CollectorRegistry()))
+    link.subscribe(f"{prefix}/commands/close-batch")
+    try:
+        assert wait_until(lambda: f"{prefix}/batches/result" in got_raw, 10), \
+            "amqtt no longer sends unsubscribed retained messages: update qcloop/daemon/mqtt.py's docstring"
+        link.start()
+        assert link.wait_connected(10)
+        publish(amqtt.host, amqtt.port, f"{prefix}/commands/close-batch", b"{}", protocol=V311)
+        assert wait_until(lambda: got, 10)
+        time.sleep(0.5)
+        assert [m.topic for m in got] == [f"{prefix}/commands/close-batch"]
+    finally:
+        link.stop()
+        led.close()
+        raw.disconnect()
+        raw.loop_stop()
+        rec.close(check=False)
+        publish(amqtt.host, amqtt.port, f"{prefix}/batches/result", b"", retain=True, protocol=V311)
 
 
 def _handled(state: Path, topic: str) -> set[str]:
@@ -166,7 +235,7 @@ def test_v311_commands_survive_kill_9(tmp_path: Path, machine_broker, prefix: st
     finally:
         sender.disconnect()
         sender.loop_stop()
-        clear_retained(host, port, prefix)
+        clear_retained(host, port, prefix, protocol=V311)
         forget_session(host, port, cid)
 
 
