@@ -53,13 +53,9 @@ def mqtt_answers(host: str, port: int, timeout: float = 2.0, protocol: str = "3.
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError:
-        return False
     version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"qcloop-demo-probe-{os.getpid()}", protocol=version)
+    c.connect_timeout = timeout
     try:
         c.connect(host, port, keepalive=10)
         c.loop_start()
