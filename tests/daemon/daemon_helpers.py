@@ -451,6 +451,23 @@ def ledger_rows(state: Path) -> list[dict[str, Any]]:
         con.close()
 
 
+def inbox_handled(state: Path, topic: str) -> set[str]:
+    """The ``msg_id`` of every message on ``topic`` the daemon recorded in its ledger's inbox."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=10)
+    except sqlite3.OperationalError:
+        return set()
+    try:
+        rows = con.execute("SELECT msg_key FROM inbox WHERE topic = ?", (topic,)).fetchall()
+    except sqlite3.OperationalError:  # no inbox table yet (or an older qcloop)
+        return set()
+    finally:
+        con.close()
+    return {r[0].split("\0")[1] for r in rows if r[0]}
+
+
 def outbox_count(state: Path) -> int:
     import sqlite3
 

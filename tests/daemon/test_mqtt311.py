@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon_helpers import (REPO, Broker, Recorder, clear_retained, forget_session, paho_client, publish,
-                            start_daemon, stop_process, wait_until, write_config, write_image)
+from daemon_helpers import (REPO, Broker, Recorder, clear_retained, forget_session, inbox_handled, paho_client,
+                            publish, start_daemon, stop_process, wait_until, write_config, write_image)
 from qcloop.config import load_settings
 from qcloop.errors import ConfigError
 
@@ -179,18 +178,6 @@ def test_messages_on_topics_never_subscribed_to_are_dropped(tmp_path: Path, amqt
         publish(amqtt.host, amqtt.port, f"{prefix}/batches/result", b"", retain=True, protocol=V311)
 
 
-def _handled(state: Path, topic: str) -> set[str]:
-    try:
-        con = sqlite3.connect(f"file:{state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = con.execute("SELECT msg_key FROM inbox WHERE topic = ?", (topic,)).fetchall()
-        finally:
-            con.close()
-    except sqlite3.OperationalError:  # not created yet
-        return set()
-    return {r[0].split("\0")[1] for r in rows if r[0]}
-
-
 def test_v311_commands_survive_kill_9(tmp_path: Path, machine_broker, prefix: str) -> None:
     """A persistent 3.1.1 session: 400 close-batch commands flow while the daemon is killed twice;
     the broker redelivers the unacknowledged ones and queues those sent while it is down."""
@@ -218,16 +205,16 @@ def test_v311_commands_survive_kill_9(tmp_path: Path, machine_broker, prefix: st
         flow = threading.Thread(target=send, daemon=True)
         flow.start()
         for _ in range(2):
-            before = len(_handled(state, topic))
-            assert wait_until(lambda: len(_handled(state, topic)) > before + 20, 60), _log(log)
+            before = len(inbox_handled(state, topic))
+            assert wait_until(lambda: len(inbox_handled(state, topic)) > before + 20, 60), _log(log)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             time.sleep(1.0)  # commands keep coming while it is down
             proc = start_daemon(cfg, log=log)
         flow.join(120)
         assert len(acked) == 400, "the broker acknowledged every command"
-        assert wait_until(lambda: _handled(state, topic) >= set(acked), 90), \
-            f"{len(set(acked) - _handled(state, topic))} acknowledged commands lost"
+        assert wait_until(lambda: inbox_handled(state, topic) >= set(acked), 90), \
+            f"{len(set(acked) - inbox_handled(state, topic))} acknowledged commands lost"
         assert stop_process(proc) == 0
         text = log.read_text()
         assert text.count("(session resumed)") >= 2, "the restarts resumed the broker's session"
@@ -248,6 +235,7 @@ def test_v311_check_config_connect(tmp_path: Path, machine_broker) -> None:
     cfg, _ = _config(tmp_path / "ok", machine_broker[1], "qctest/x")
     r = _check(cfg)
     assert r.returncode == 0 and "connected and logged in" in r.stdout, r.stderr
+    assert "(MQTT 3.1.1)" in r.stdout, r.stdout
     b = Broker(tmp_path / "auth", passwords={"qcloop": "right"}).start()
     try:
         pw = tmp_path / "badpw"
