@@ -1,5 +1,5 @@
-# Quick start:  make demo   (sets up .venv with the core install and runs the closed-loop demo)
-#               make test   (sets up .venv with the dev + foundation + cluster extras and runs the tests)
+# Quick start:  make demo   (sets up .venv with the core install + the broker extra and runs the closed-loop demo)
+#               make test   (sets up .venv with the dev + foundation + cluster + broker extras and runs the tests)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -13,12 +13,12 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.core: pyproject.toml setup.py | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[broker]'
 	touch $@
 
 $(VENV)/.test: pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,foundation,cluster]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,foundation,cluster,broker]'
 	touch $@ $(VENV)/.core
 
 install: $(VENV)/.core

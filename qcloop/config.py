@@ -328,7 +328,12 @@ class TlsConfig(Section):
 
 
 class MqttConfig(Section):
-    """MQTT v5 link (paho-mqtt 2.x). Every message is stored in the durable outbox first and
+    """MQTT link (paho-mqtt 2.x), MQTT v5 or, with ``protocol: "3.1.1"``, MQTT 3.1.1 for brokers
+    that speak no v5 (then no v5 properties are sent: no content type, message expiry, response
+    topic or correlation data; the payloads carry ``msg_id`` and ``expires_at``, and expired
+    suggestions are still dropped from the outbox unsent; the session is ``clean_session=False``
+    and ``session_expiry_s`` is not sent: the broker's own setting decides how long it keeps it).
+    Every message is stored in the durable outbox first and
     deleted after the broker's PUBACK; at most ``max_inflight`` are unacknowledged at once.
     The password comes from ``password_file`` (first line) or ``password``
     (``QCLOOP_MQTT__PASSWORD``). ``enabled: false`` runs the daemon without MQTT (nothing is
@@ -345,6 +350,7 @@ class MqttConfig(Section):
     """
 
     enabled: bool = True
+    protocol: Literal["5", "3.1.1"] = "5"
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     topic_prefix: str = "qcloop/{line_id}"
@@ -364,6 +370,16 @@ class MqttConfig(Section):
     max_payload_bytes: int = Field(default=65536, ge=64)
     max_json_depth: int = Field(default=32, ge=2, le=500)
     tls: TlsConfig = TlsConfig()
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, v: Any) -> Any:
+        """YAML reads ``protocol: 5`` as a number."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @property
+    def v5(self) -> bool:
+        return self.protocol == "5"
 
     @field_validator("topic_prefix")
     @classmethod

@@ -7,9 +7,10 @@ Two parts:
   :func:`measure` draws a finite particle sample from a true batch and returns the flat metrics
   and 95 % half-widths qcloop would compute (no images; used by the bench and fast tests), and
   :func:`simulate_campaign` runs the controller against the model without MQTT.
-* :class:`SimulatedReactor` -- the same model on the wire: subscribes to
+* :class:`SimulatedReactor` -- the same model on the wire (MQTT v5 or 3.1.1): subscribes to
   ``{prefix}/suggestions``, answers on ``{prefix}/suggestions/ack`` (operator policy: accept,
-  reject all, never ack), publishes its setpoints retained on ``{prefix}/reactor/setpoints``
+  reject all, never ack; v5: on the suggestion's response topic with its correlation data,
+  3.1.1: on the documented ack topic, the payload's ``msg_id`` naming the suggestion), publishes its setpoints retained on ``{prefix}/reactor/setpoints``
   and batch starts / ends on ``{prefix}/reactor/batch``, and writes synthetic SEM images of
   every batch (:mod:`qcloop.synth`) into the watched folder -- written under a temporary name
   in a staging folder on the same file system, then renamed into place, as a microscope
@@ -363,6 +364,10 @@ class SimulatedReactor:
     persistent_session : bool
         Connect with ``clean_session=False`` (the broker keeps the subscriptions and queues QoS 1
         suggestions while the line is away), as a real line should.
+    protocol : {"5", "3.1.1"}
+        The MQTT version (the daemon's ``mqtt.protocol``). v5 answers a suggestion on its response
+        topic with its correlation data; 3.1.1 has neither and answers on
+        ``{prefix}/suggestions/ack``, naming the suggestion by the payload's ``msg_id``.
     """
 
     def __init__(self, *, host: str, port: int, prefix: str, watch_dir: str | Path,
@@ -371,9 +376,12 @@ class SimulatedReactor:
                  operator: str = "accept", images_per_batch: int = 2, width_px: int = 512, height_px: int = 384,
                  pixel_size_nm: float = 2.0, truth_dir: str | Path | None = None, seed: int = 0,
                  batch_prefix: str = "B", client_id: str | None = None, synth_overrides: Mapping[str, Any] | None = None,
-                 persistent_session: bool = False):
+                 persistent_session: bool = False, protocol: str = "5"):
         if operator not in ("accept", "reject", "silent"):
             raise ValueError(f"operator must be accept, reject or silent, got {operator!r}")
+        if protocol not in ("5", "3.1.1"):
+            raise ValueError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
+        self.protocol = protocol
         self.host, self.port, self.prefix = host, int(port), prefix.rstrip("/")
         self.watch_dir = Path(watch_dir)
         self.staging_dir = Path(staging_dir) if staging_dir else self.watch_dir.parent / ".staging"
@@ -414,13 +422,19 @@ class SimulatedReactor:
         from paho.mqtt.properties import Properties
 
         # MQTT v5: the ack goes to the suggestion's response topic with its correlation data
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        v5 = self.protocol == "5"
+        session = {} if v5 else {"clean_session": not self.persistent_session}
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, **session)
         c.reconnect_delay_set(0.2, 2)
         c.on_message = self._on_message
         c.on_connect = self._on_connect
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600 if self.persistent_session else 0
-        c.connect(self.host, self.port, keepalive=30, clean_start=not self.persistent_session, properties=props)
+        connect: dict[str, Any] = {}
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600 if self.persistent_session else 0
+            connect = {"clean_start": not self.persistent_session, "properties": props}
+        c.connect(self.host, self.port, keepalive=30, **connect)
         c.loop_start()
         self._client = c
         deadline = time.time() + timeout
@@ -477,7 +491,7 @@ class SimulatedReactor:
                 self.suggestions.append(body)
                 if isinstance(body.get("msg_id"), str):
                     self._by_msg[body["msg_id"]] = body
-                    props = msg.properties  # MQTT v5 request/response: where and how to answer
+                    props = msg.properties  # MQTT v5 request/response: where and how to answer (3.1.1: None)
                     self._reply_to[body["msg_id"]] = (getattr(props, "ResponseTopic", None),
                                                       getattr(props, "CorrelationData", None))
             elif msg.topic == self.topic("control/decision"):
@@ -538,10 +552,12 @@ class SimulatedReactor:
 
         self.acks_sent.append((str(body["msg_id"]), str(body["status"])))
         topic, corr = self._reply_to.get(str(body["msg_id"]), (None, None))
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = "application/json"
-        if corr is not None:
-            props.CorrelationData = corr
+        props = None  # 3.1.1: no properties; the payload's msg_id names the suggestion
+        if self.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            if corr is not None:
+                props.CorrelationData = corr
         self._publish("suggestions/ack", body, topic=topic, properties=props)
 
     # ------------------------------------------------------------------ batches

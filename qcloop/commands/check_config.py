@@ -6,8 +6,9 @@ values), it checks what the daemon needs at start (``qcloop run`` runs the same 
 exits 2 too): the watched folder exists, the state folder can be created and lies neither
 inside nor above the watched folder, TLS files load (with OpenSSL's reason when they do not),
 the password file is readable, target metric names are known. ``--connect`` also connects to
-the broker once and reports a refused connection, a TLS failure (OpenSSL's reason) or a refused
-login. Environment overrides (``QCLOOP_<SECTION>__<KEY>``) are applied unless ``--no-env``.
+the broker once, in ``mqtt.protocol`` (MQTT v5 or 3.1.1), and reports a refused connection, a TLS
+failure (OpenSSL's reason), a refused login or a broker that does not speak that version (the
+CONNACK reason code; in 3.1.1 its return code). Environment overrides (``QCLOOP_<SECTION>__<KEY>``) are applied unless ``--no-env``.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  state_dir      {settings.state_dir}")
     print(f"  batch.key      {settings.batch.key}")
     if settings.mqtt.enabled:
-        print(f"  mqtt           {settings.mqtt.host}:{settings.mqtt.port} prefix "
+        print(f"  mqtt           {settings.mqtt.host}:{settings.mqtt.port} (MQTT {settings.mqtt.protocol}) prefix "
               f"{settings.topic_prefix}{' TLS' if settings.mqtt.tls.active else ''}"
               f"{' (connected and logged in)' if args.connect else ''}")
     else:

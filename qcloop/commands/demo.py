@@ -10,7 +10,8 @@ yield, class separation) and the temperature (size). One table row per batch; OU
 OUT/demo.json and the last batch's OUT/report/report.html at the end.
 
 Broker: the one at --broker (default 127.0.0.1:1883) if it answers, else (on this machine)
-mosquitto, else a minimal pure-Python broker, for the demo's lifetime. Exit 0 once every target
+mosquitto, else the pure-Python broker amqtt (the broker extra; MQTT 3.1.1, so the daemon and the
+line then speak 3.1.1), for the demo's lifetime. Exit 0 once every target
 is met for --hold consecutive batches, 1 when --batches pass without that. See docs/control.md.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from qcloop.demo.broker import STARTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,9 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="MQTT broker to use (default 127.0.0.1:1883)")
     p.add_argument("--mqtt-host", metavar="HOST", help="broker host (overrides --broker)")
     p.add_argument("--mqtt-port", type=int, metavar="PORT", help="broker port (overrides --broker)")
-    p.add_argument("--start-broker", choices=("auto", "mosquitto", "python", "never"), default="auto",
-                   help="when nothing answers there: auto (mosquitto, else the Python fallback), start that one, "
-                        "or never (fail)")
+    p.add_argument("--start-broker", choices=STARTS, default="auto",
+                   help="when nothing answers there: auto (mosquitto, else amqtt), start that one, or never (fail)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="the daemon's Prometheus port (default 9464, or a free one when taken)")
     p.add_argument("--images-per-batch", type=int, default=None, metavar="K", help="SEM images per batch (default 6)")

@@ -129,7 +129,9 @@ def batch_result(prefix: str, line_id: str, batch: str, revision: int, reason: s
 # ----------------------------------------------------------------------------- control
 def suggestion(prefix: str, sugg: Any) -> OutMessage:
     """``suggestion.json`` with MQTT v5 message expiry = its TTL, response topic = the ack topic
-    and correlation data = its ``msg_id`` (``sugg``: a :class:`qcloop.control.suggestions.Suggestion`)."""
+    and correlation data = its ``msg_id`` (``sugg``: a :class:`qcloop.control.suggestions.Suggestion`).
+    With ``mqtt.protocol: "3.1.1"`` the link sends none of these properties (the payload's
+    ``expires_at`` and ``msg_id`` say the same; the outbox still drops it once expired)."""
     ack_topic = f"{prefix}/{contract('suggestion_ack').topic}"
     return out(prefix, "suggestion", sugg.message(), expires_at=float(sugg.expires_at),
                response_topic=ack_topic, correlation_data=str(sugg.msg_id).encode())

@@ -1,25 +1,34 @@
-"""MQTT v5 link (paho-mqtt 2.x, ``CallbackAPIVersion.VERSION2``) with the durable outbox.
+"""MQTT link (paho-mqtt 2.x, ``CallbackAPIVersion.VERSION2``) with the durable outbox.
+
+``mqtt.protocol`` picks MQTT v5 (default) or MQTT 3.1.1 (brokers without v5). Everything below
+holds for both, except what names a v5 property: in 3.1.1 no properties exist (no content type,
+message expiry, response topic, correlation data, session expiry); the payloads carry
+``msg_id`` and ``expires_at``, and the outbox still drops an expired row unsent.
 
 Threads: a **network** thread owns the connection (its own loop around ``client.loop()``, so every
 failed connect is seen with its reason) and a **publisher** thread drains the outbox.
 
 * Connecting: every failure is logged with its reason (the OpenSSL reason for TLS trouble, the
-  CONNACK reason code for a refused login; the first of a kind at once, repeats once a minute) and
+  CONNACK reason code for a refused login -- in 3.1.1 the CONNACK return code 1-5; the first of a kind at once, repeats once a minute) and
   counted in ``qcloop_mqtt_connect_failures_total{reason}`` (:data:`CONNECT_FAILURES`). Failed
   attempts back off from ``reconnect_min_s`` to ``reconnect_max_s``; while the broker's port is
   closed (refused / unreachable) it is probed every ``probe_interval_s``, so the daemon reconnects
   as soon as the broker is back, whatever the outage's length.
 * ``connected`` becomes True only in ``on_connect`` with a successful CONNACK.
-* Session: ``clean_start=False`` with ``session_expiry_s`` and a stable client id, and **manual
+* Session: ``clean_start=False`` with ``session_expiry_s`` (3.1.1: ``clean_session=False``; the
+  broker decides how long it keeps the session) and a stable client id, and **manual
   acknowledgements**: an inbound QoS 1 message is acknowledged (:meth:`MqttLink.ack`) only after
   the worker committed its handling. The broker redelivers what a crash interrupted and queues
   what arrives while the daemon is away.
-* Status: the Last Will is the retained ``offline`` status (content type ``application/json``,
-  ``time`` null: it is registered at connect); after every connect and every
+* Status: the Last Will is the retained ``offline`` status (content type ``application/json`` in
+  v5; ``time`` null: it is registered at connect); after every connect and every
   ``status_interval_s`` the retained ``online`` status carries the current time.
 * Outbox: rows are handed to paho in id order, at most ``max_inflight`` unacknowledged; a row is
-  deleted only on the broker's PUBACK. Rows carry MQTT v5 properties: message expiry (the time
-  left until ``expires_at``; an expired row is dropped unsent), response topic, correlation data.
+  deleted only on the broker's PUBACK. An expired row (``expires_at`` passed) is dropped unsent;
+  in v5 rows carry properties: message expiry (the time left until ``expires_at``), response
+  topic, correlation data.
+* Inbound: a message on a topic this client did not subscribe to is dropped (acknowledged
+  unread): amqtt 0.12 sends every retained message matching *any* client's subscription on connect.
 """
 
 from __future__ import annotations
@@ -47,6 +56,16 @@ from qcloop.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/json"
+#: ``mqtt.protocol`` -> paho's protocol version
+PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+#: MQTT 3.1.1 CONNACK return codes, by the name paho gives the v5 reason code it maps them to
+V311_CONNACK = {"Unsupported protocol version": 1, "Client identifier not valid": 2, "Server unavailable": 3,
+                "Bad user name or password": 4, "Not authorized": 5}
+#: CONNACK reason code (v5 value; paho maps 3.1.1 codes onto them) -> (label, hint)
+_CONNACK_HINTS = {0x86: ("auth", " (mqtt.username, mqtt.password_file)"),
+                  0x87: ("auth", " (mqtt.username, mqtt.password_file)"),
+                  0x8C: ("auth", " (mqtt.username, mqtt.password_file)"),
+                  0x84: ("connack", " (the broker does not speak this MQTT version: mqtt.protocol)")}
 #: ``reason`` label values of ``qcloop_mqtt_connect_failures_total``
 CONNECT_FAILURES = ("refused", "unreachable", "dns", "timeout", "tls-verify", "tls", "closed",
                     "no-connack", "auth", "connack")
@@ -87,10 +106,12 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
 
 
 def build_client(cfg: MqttConfig, client_id: str, *, will: bytes | None = None, will_topic: str | None = None,
-                 manual_ack: bool = False) -> mqtt.Client:
-    """A paho v5 client with auth, TLS and Last Will; raises ConfigError for unusable settings."""
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
-                    reconnect_on_failure=False, manual_ack=manual_ack)
+                 manual_ack: bool = False, clean: bool = True) -> mqtt.Client:
+    """A paho client of ``cfg.protocol`` with auth, TLS and Last Will; raises ConfigError for
+    unusable settings. ``clean``: the 3.1.1 ``clean_session`` flag (v5 sets clean start at connect)."""
+    session = {} if cfg.v5 else {"clean_session": clean}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[cfg.protocol],
+                    reconnect_on_failure=False, manual_ack=manual_ack, **session)
     c.max_inflight_messages_set(cfg.max_inflight)
     c.connect_timeout = cfg.connect_timeout_s
     if cfg.username is not None:
@@ -98,8 +119,10 @@ def build_client(cfg: MqttConfig, client_id: str, *, will: bytes | None = None, 
     if cfg.tls.active:
         c.tls_set_context(tls_context(cfg))
     if will is not None and will_topic is not None:
-        props = Properties(PacketTypes.WILLMESSAGE)
-        props.ContentType = CONTENT_TYPE
+        props = None
+        if cfg.v5:
+            props = Properties(PacketTypes.WILLMESSAGE)
+            props.ContentType = CONTENT_TYPE
         c.will_set(will_topic, will, qos=1, retain=True, properties=props)
     # never let paho write to the socket from a publishing thread: the network thread does
     c.on_socket_register_write = lambda client, userdata, sock: None
@@ -141,11 +164,15 @@ def classify(exc: BaseException, where: str, *, tls: bool = False) -> tuple[str,
     return "closed", f"connection to {where} failed: {type(exc).__name__}: {exc}"
 
 
-def connack_failure(reason_code) -> tuple[str, str]:
+def connack_failure(reason_code, protocol: str = "5") -> tuple[str, str]:
+    """``(label, text)`` of a refused CONNACK; 3.1.1 names its return code (1-5)."""
     value = int(getattr(reason_code, "value", 0))
-    label = "auth" if value in (0x86, 0x87, 0x8C) else "connack"
-    hint = " (mqtt.username, mqtt.password_file)" if label == "auth" else ""
-    return label, f"broker refused the connection: {reason_code} (CONNACK 0x{value:02x}){hint}"
+    label, hint = _CONNACK_HINTS.get(value, ("connack", ""))
+    if protocol == "5":
+        code = f"CONNACK 0x{value:02x}"
+    else:
+        code = f"MQTT 3.1.1 CONNACK return code {V311_CONNACK.get(str(reason_code), '?')}"
+    return label, f"broker refused the connection: {reason_code} ({code}){hint}"
 
 
 def probe_connect(cfg: MqttConfig, *, timeout: float = 10.0) -> tuple[str, str] | None:
@@ -156,7 +183,7 @@ def probe_connect(cfg: MqttConfig, *, timeout: float = 10.0) -> tuple[str, str] 
     result: dict = {}
     c.on_connect = lambda cl, u, flags, rc, props: result.setdefault("rc", rc)
     try:
-        c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=True)
+        c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, **({"clean_start": True} if cfg.v5 else {}))
     except Exception as exc:  # noqa: BLE001 - every failure is a reason to report
         return classify(exc, where, tls=cfg.tls.active)
     deadline = time.monotonic() + timeout
@@ -171,7 +198,7 @@ def probe_connect(cfg: MqttConfig, *, timeout: float = 10.0) -> tuple[str, str] 
     if "rc" not in result:
         return "no-connack", (f"{where} closed the connection before CONNACK (a TLS listener spoken to "
                               f"without TLS? mqtt.tls.enabled)")
-    return connack_failure(result["rc"]) if result["rc"].is_failure else None
+    return connack_failure(result["rc"], cfg.protocol) if result["rc"].is_failure else None
 
 
 class MqttLink:
@@ -223,14 +250,14 @@ class MqttLink:
         self.last_connect_error: str | None = None
         self.published = 0
         will = json.dumps(status_payload("offline", "connection-lost", will=True)).encode()
-        self.client = build_client(cfg, client_id, will=will, will_topic=status_topic, manual_ack=True)
+        self.client = build_client(cfg, client_id, will=will, will_topic=status_topic, manual_ack=True, clean=False)
         c = self.client
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
-        self._props = _publish_props()
+        self._props = _publish_props() if cfg.v5 else None
 
     # ------------------------------------------------------------------ public
     @property
@@ -245,10 +272,12 @@ class MqttLink:
             self.client.subscribe(topic, qos=qos)
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = int(self.cfg.session_expiry_s)
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
-                                  clean_start=False, properties=props)
+        session: dict = {}  # 3.1.1: clean_session=False was set on the client
+        if self.cfg.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(self.cfg.session_expiry_s)
+            session = {"clean_start": False, "properties": props}
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, **session)
         for target, name in ((self._network, "qcloop-mqtt"), (self._publisher, "qcloop-publisher")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -364,7 +393,7 @@ class MqttLink:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._connack = False
-            self._failed(*connack_failure(reason_code))
+            self._failed(*connack_failure(reason_code, self.cfg.protocol))
             return
         self._connack = True
         self.last_connect_error = None
@@ -404,9 +433,19 @@ class MqttLink:
             if rc.is_failure:
                 log.error("mqtt: a subscription was refused: %s", rc)
 
+    def _subscribed(self, topic: str) -> bool:
+        with self._subs_lock:
+            subs = list(self._subs)
+        return any(mqtt.topic_matches_sub(_plain_filter(s), topic) for s in subs)
+
     def _on_message(self, client, userdata, message) -> None:
         try:
-            props = message.properties
+            if not self._subscribed(message.topic):
+                log.debug("mqtt: dropped a message on %s (not subscribed)", message.topic)
+                if message.qos > 0:
+                    client.ack(message.mid, message.qos)
+                return
+            props = message.properties  # None in 3.1.1
             corr = getattr(props, "CorrelationData", None)
             msg = InboundMessage(topic=message.topic, payload=bytes(message.payload), qos=int(message.qos),
                                  retain=bool(message.retain), mid=int(message.mid), dup=bool(message.dup),
@@ -455,14 +494,14 @@ class MqttLink:
 
     def _send(self, outbox: Outbox, row: OutboxRow) -> bool:
         """Hand one row to paho; False when it must be tried again later."""
-        props = _publish_props(row)
-        if props is None:  # expired while it waited
+        if row.expires_at is not None and row.expires_at <= time.time():  # expired while it waited
             log.info("mqtt: %s (%s) expired before it could be sent; dropped", row.msg_id, row.topic)
             if self.metrics is not None:
                 self.metrics.mqtt_expired.inc()
             outbox.delete([row.id])
             self._last_id = row.id
             return True
+        props = _publish_props(row) if self.cfg.v5 else None
         try:
             info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props)
         except ValueError as exc:  # invalid topic / payload too large: never sendable
@@ -503,24 +542,26 @@ class MqttLink:
         outbox.delete(done)
 
 
-def _publish_props(row: OutboxRow | None = None) -> Properties | None:
-    """PUBLISH properties: content type, plus the row's expiry / response topic / correlation
-    data. None when the row's ``expires_at`` has passed."""
+def _publish_props(row: OutboxRow | None = None) -> Properties:
+    """MQTT v5 PUBLISH properties: content type, plus the row's expiry (the time left, at least
+    1 s) / response topic / correlation data."""
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = CONTENT_TYPE
     if row is None:
         return props
     if row.expires_at is not None:
-        left = row.expires_at - time.time()
-        if left <= 0:
-            return None
-        props.MessageExpiryInterval = max(1, int(math.ceil(left)))
+        props.MessageExpiryInterval = max(1, int(math.ceil(row.expires_at - time.time())))
     extra = row.props or {}
     if extra.get("response_topic"):
         props.ResponseTopic = extra["response_topic"]
     if extra.get("correlation_data"):
         props.CorrelationData = bytes.fromhex(extra["correlation_data"])
     return props
+
+
+def _plain_filter(sub: str) -> str:
+    """A subscription's topic filter without a ``$share/<group>/`` prefix."""
+    return sub.split("/", 2)[2] if sub.startswith("$share/") and sub.count("/") >= 2 else sub
 
 
 def _port_open(host: str, port: int, timeout: float) -> bool:

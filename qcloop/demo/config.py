@@ -73,14 +73,15 @@ DEMO_CONFIG: dict[str, Any] = {
 
 
 def demo_config(out: Path, *, mqtt_host: str, mqtt_port: int, metrics_port: int, planner: str = "pi",
-                mode: str = "advisory") -> dict[str, Any]:
-    """:data:`DEMO_CONFIG` with absolute paths under ``out`` and this run's ports and planner."""
+                mode: str = "advisory", mqtt_protocol: str = "5") -> dict[str, Any]:
+    """:data:`DEMO_CONFIG` with absolute paths under ``out`` and this run's ports, MQTT version
+    (``mqtt.protocol``: "3.1.1" on the amqtt fallback) and planner."""
     cfg = json.loads(json.dumps(DEMO_CONFIG))
     out = Path(out).resolve()
     cfg["watch"]["directory"] = str(out / "watch")
     cfg["state_dir"] = str(out / "state")
     cfg["pipeline"]["classifier"] = str(out / MODEL_FILE)
-    cfg["mqtt"].update(host=mqtt_host, port=int(mqtt_port))
+    cfg["mqtt"].update(host=mqtt_host, port=int(mqtt_port), protocol=mqtt_protocol)
     cfg["metrics"]["port"] = int(metrics_port)
     cfg["control"]["planner"] = planner
     cfg["control"]["mode"] = mode

@@ -1,7 +1,8 @@
 """``qcloop demo``: the closed loop on a simulated synthesis line, end to end on one machine.
 
 1. **Broker** (:func:`qcloop.demo.broker.ensure_broker`): the one at ``--broker`` if it answers,
-   else mosquitto, else the pure-Python fallback, for the demo's lifetime.
+   else mosquitto, else amqtt (MQTT 3.1.1: the daemon and the line then speak 3.1.1), for the
+   demo's lifetime.
 2. **Labelling** (:mod:`qcloop.demo.labelling`): the line makes a labelling batch at its start
    setpoints; crops export, the chemist's sorting (played by the generator's truth), ``qcloop
    train``; the model goes to ``OUT/model/`` and the daemon's config points at it.
@@ -40,7 +41,7 @@ from qcloop.demo.labelling import ClassifierScore, score_tables, train_classifie
 
 log = logging.getLogger(__name__)
 
-RESULTS = ("watch", "state", "truth", ".staging", "labelling", "model", "report")
+RESULTS = ("watch", "state", "truth", ".staging", "labelling", "model", "report", "broker")
 
 
 @dataclass
@@ -184,7 +185,7 @@ def run_demo(*, batches: int = 12, out: Path = Path("demo-out"), hold: int = 3, 
     for sub in RESULTS:
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "watch").mkdir(parents=True, exist_ok=True)
-    handle = ensure_broker(mqtt_host, mqtt_port, start=start_broker)
+    handle = ensure_broker(mqtt_host, mqtt_port, start=start_broker, workdir=out / "broker")
     result = DemoResult(broker=str(handle))
     daemon: subprocess.Popen | None = None
     log_file = open(out / "daemon.log", "w", encoding="utf-8")
@@ -194,12 +195,13 @@ def run_demo(*, batches: int = 12, out: Path = Path("demo-out"), hold: int = 3, 
         if metrics_port is None:
             metrics_port = 9464 if port_free(9464) else free_port()
         cfg_path = write_config(out, mqtt_host=handle.host, mqtt_port=handle.port, metrics_port=metrics_port,
-                                planner=planner, mode=mode)
+                                planner=planner, mode=mode, mqtt_protocol=handle.protocol)
         prefix = f"qcloop/{LINE_ID}"
         limits = {s["name"]: (s["min"], s["max"]) for s in DEMO_CONFIG["control"]["setpoints"]}
         reactor = SimulatedReactor(host=handle.host, port=handle.port, prefix=prefix, watch_dir=out / "watch",
                                    staging_dir=out / ".staging", truth_dir=out / "truth", start=START_SETPOINTS,
-                                   limits=limits, images_per_batch=images_per_batch, seed=seed, **IMAGE_SETTINGS)
+                                   limits=limits, images_per_batch=images_per_batch, seed=seed,
+                                   protocol=handle.protocol, **IMAGE_SETTINGS)
         echo(f"labelling batch at {START_SETPOINTS}: crops -> sorted -> qcloop train")
         lab_true = reactor.model.batch(START_SETPOINTS, reactor.rng)
         images = reactor.export_images(lab_true, "LAB", out / "labelling" / "images", seed=seed * 100003 + 99991,

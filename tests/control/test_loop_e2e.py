@@ -76,8 +76,8 @@ class Line:
     """Daemon subprocess + simulated reactor in tmp_path, on a unique topic prefix."""
 
     def __init__(self, tmp: Path, host: str, port: int, *, operator: str = "accept", persistent: bool = False,
-                 **control):
-        self.tmp, self.host, self.port = tmp, host, port
+                 protocol: str = "5", **control):
+        self.tmp, self.host, self.port, self.protocol = tmp, host, port, protocol
         self.line_id = f"t{uuid.uuid4().hex[:10]}"
         self.prefix = f"qctest/{self.line_id}"
         self.metrics_port = _free_port()
@@ -86,7 +86,7 @@ class Line:
         cfg["watch"]["directory"] = str(tmp / "watch")
         (tmp / "watch").mkdir(parents=True, exist_ok=True)
         cfg["mqtt"].update(host=host, port=port, topic_prefix="qctest/{line_id}", reconnect_min_s=0.2,
-                           reconnect_max_s=1.0)
+                           reconnect_max_s=1.0, protocol=protocol, client_id=f"qcloop-{self.line_id}")
         cfg["metrics"]["port"] = self.metrics_port
         cfg["control"].update(control)
         self.cfg = cfg
@@ -98,7 +98,8 @@ class Line:
                                         staging_dir=tmp / ".staging", start={"temperature": temperature_for(60.0),
                                                                              "reagent_ratio": 1.2},
                                         limits=limits, operator=operator, images_per_batch=3,
-                                        width_px=448, height_px=352, seed=3, persistent_session=persistent)
+                                        width_px=448, height_px=352, seed=3, persistent_session=persistent,
+                                        protocol=protocol)
         self.daemon: subprocess.Popen | None = None
 
     def start_daemon(self) -> None:
@@ -150,6 +151,25 @@ class Line:
     def close(self) -> None:
         self.stop_daemon()
         self.reactor.close()
+        if self.protocol != "5":  # a 3.1.1 session never expires: remove the daemon's from the broker
+            _forget_session(self.host, self.port, f"qcloop-{self.line_id}")
+
+
+def _forget_session(host: str, port: int, client_id: str) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    try:
+        c.connect(host, port)
+        c.loop_start()
+        deadline = time.time() + 5
+        while not c.is_connected() and time.time() < deadline:
+            time.sleep(0.02)
+        c.disconnect()
+        c.loop_stop()
+    except OSError:
+        pass  # the broker is gone, and the session with it
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -314,4 +334,47 @@ def test_reject_silence_expiry_and_broker_outage_keep_state_consistent(tmp_path)
     assert st["pending"] is None or st["pending"]["batch_id"] == "B0005"
     assert st["setpoints"]["temperature"] == pytest.approx(line.reactor.setpoints["temperature"])
     assert line.reactor.setpoints["temperature"] != pytest.approx(t_start)
+    assert line.reactor.violations == []
+
+
+@pytest.mark.timeout(240)
+def test_v311_line_acks_suggestions_by_payload_msg_id(tmp_path, machine_broker):
+    """``mqtt.protocol: "3.1.1"``, the reactor in 3.1.1: suggestions go out without v5 properties
+    (a v5 subscriber sees no expiry, response topic or correlation data), the reactor answers on
+    ``{prefix}/suggestions/ack`` with the payload's ``msg_id``, the controller takes the acks."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    line = Line(tmp_path, *machine_broker, protocol="3.1.1")
+    seen: list = []
+    v5 = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"v5-{line.line_id}", protocol=mqtt.MQTTv5)
+    v5.on_message = lambda c, u, m: seen.append(m)
+    v5.on_connect = lambda c, *a: c.subscribe(f"{line.prefix}/suggestions", qos=1)
+    v5.connect(*machine_broker)
+    v5.loop_start()
+    try:
+        line.reactor.connect()
+        line.start_daemon()
+        recs = [line.reactor.run_batch(timeout=90) for _ in range(2)]
+        assert all(r.decision is not None for r in recs), f"no decision; see {tmp_path}"
+        first = recs[0]
+        assert first.suggestion is not None and first.ack == "applied", first.decision
+        assert recs[1].setpoints["temperature"] == pytest.approx(first.suggestion["setpoints"][0]["suggested"])
+        assert line.reactor._reply_to[first.suggestion["msg_id"]] == (None, None)  # 3.1.1: no properties
+        st = line.wait_state(lambda st: st["counts"]["acks"]["applied"] >= 1)
+        assert st["pending"] is None or st["pending"]["batch_id"] == recs[1].batch
+        sent = {(m, s) for m, s in line.reactor.acks_sent}
+        deadline = time.time() + 15
+        while not {(a["msg_id"], a["status"]) for a in (line.ledger_state("control.acks") or [])} >= sent:
+            assert time.time() < deadline, "acks the 3.1.1 reactor sent never reached the ledger"
+            time.sleep(0.2)
+        assert {s for _, s in sent} >= {"accepted", "applied"}
+        assert seen and all(m.properties is None or not any(
+            hasattr(m.properties, k) for k in ("MessageExpiryInterval", "ResponseTopic", "CorrelationData",
+                                               "ContentType")) for m in seen), [m.properties for m in seen]
+        assert _metric(line.metrics(), "qcloop_suggestion_acks_total", status="applied") >= 1
+    finally:
+        v5.disconnect()
+        v5.loop_stop()
+        line.close()
     assert line.reactor.violations == []

@@ -28,6 +28,28 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "qcloop" / "schemas"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MACHINE_BROKER = ("127.0.0.1", 1883)
+CONTENT_TYPE = "application/json"
+PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+
+def paho_client(client_id: str, protocol: str = "5", *, clean: bool = True, **kw: Any) -> mqtt.Client:
+    """A paho client of ``protocol`` ("5" or "3.1.1"); ``clean`` is 3.1.1's clean_session (v5
+    sets clean start at connect: :func:`connect_args`)."""
+    session = {} if protocol == "5" else {"clean_session": clean}
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[protocol],
+                       **session, **kw)
+
+
+def connect_args(protocol: str = "5", *, persistent: bool = False) -> dict[str, Any]:
+    """``connect()`` keywords: v5 clean start and a one-hour session expiry when persistent."""
+    if protocol != "5":
+        return {}
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600 if persistent else 0
+    return {"clean_start": not persistent, "properties": props}
 
 
 # ----------------------------------------------------------------------------- images
@@ -189,7 +211,10 @@ class Recorder:
     """Subscribes to ``{prefix}/#``, records every message and **validates** each one.
 
     Every message on a topic qcloop publishes must match its schema in ``qcloop/schemas`` (found
-    by the schema's ``x-topic``) and carry the content type ``application/json``; a message on
+    by the schema's ``x-topic``) and carry the content type ``content_type`` (default
+    ``application/json``; None: no content type, as a daemon in MQTT 3.1.1 sends -- a v5 recorder
+    then checks that none arrives; a ``protocol="3.1.1"`` recorder sees no properties and checks
+    none); a message on
     a topic that has no schema at all is a violation too, unless the test names a schema for it
     in ``extra_schemas`` (topic suffix -> JSON Schema; for test-only extension topics). Messages on
     inbound topics (commands the test sends, possibly malformed on purpose) and empty payloads
@@ -200,16 +225,18 @@ class Recorder:
     def __init__(self, host: str, port: int, prefix: str, *, username: str | None = None,
                  password: str | None = None, tls_ca: Path | None = None,
                  persistent: bool = False, timeout: float = 10.0,
-                 extra_schemas: dict[str, dict] | None = None):
+                 extra_schemas: dict[str, dict] | None = None, protocol: str = "5",
+                 content_type: str | None = CONTENT_TYPE):
         self.prefix = prefix
+        self.protocol = protocol
+        self.content_type = content_type
         self.received: list[Received] = []
         self.problems: list[str] = []
         self.extra = {k: _schema_validator(v) for k, v in (extra_schemas or {}).items()}
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self._subscribed = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:8]}",
-                        protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=True)
+        c = paho_client(f"rec-{uuid.uuid4().hex[:8]}", protocol, clean=not persistent, reconnect_on_failure=True)
         c.reconnect_delay_set(1, 1)
         if username:
             c.username_pw_set(username, password)
@@ -219,14 +246,8 @@ class Recorder:
         c.on_subscribe = lambda *a: self._subscribed.set()
         c.on_message = self._on_message
         self.client = c
-        props = None
-        if persistent:  # the broker keeps our subscription and queues QoS 1 messages while away
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 3600
-        c.connect_async(host, port, keepalive=10, clean_start=not persistent, properties=props)
+        # persistent: the broker keeps our subscription and queues QoS 1 messages while away
+        c.connect_async(host, port, keepalive=10, **connect_args(protocol, persistent=persistent))
         c.loop_start()
         if not self._subscribed.wait(timeout):
             c.loop_stop()
@@ -271,8 +292,8 @@ class Recorder:
             return f"{suffix}: a topic with no schema in qcloop/schemas (payload {raw[:120]!r})"
         if c.direction == "in":
             return None
-        if r.content_type != "application/json":
-            return f"{suffix}: content type {r.content_type!r}, not application/json"
+        if self.protocol == "5" and r.content_type != self.content_type:
+            return f"{suffix}: content type {r.content_type!r}, not {self.content_type!r}"
         errors = c.errors(r.body)
         return f"{suffix} ({c.name}.json): {errors[:3]}" if errors else None
 
@@ -316,9 +337,8 @@ def _schema_validator(schema: dict):
 
 
 def publish(host: str, port: int, topic: str, payload: Any, *, retain: bool = False,
-            properties: Any = None) -> None:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
-                    protocol=MQTTProtocolVersion.MQTTv5)
+            properties: Any = None, protocol: str = "5") -> None:
+    c = paho_client(f"pub-{uuid.uuid4().hex[:8]}", protocol)
     c.connect(host, port)
     c.loop_start()
     data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
@@ -328,9 +348,22 @@ def publish(host: str, port: int, topic: str, payload: Any, *, retain: bool = Fa
     c.loop_stop()
 
 
-def clear_retained(host: str, port: int, prefix: str) -> None:
+def forget_session(host: str, port: int, client_id: str) -> None:
+    """End the persistent session a test left on a shared broker under ``client_id`` (MQTT 3.1.1
+    sessions never expire): connect once with a clean session."""
+    c = paho_client(client_id, "3.1.1", clean=True)
+    c.connect(host, port)
+    c.loop_start()
+    try:
+        wait_until(c.is_connected, 5, 0.02)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def clear_retained(host: str, port: int, prefix: str, protocol: str = "5") -> None:
     for suffix in ("status", "batches/result", "reactor/batch", "reactor/setpoints", "commands/close-batch"):
-        publish(host, port, f"{prefix}/{suffix}", b"", retain=True)
+        publish(host, port, f"{prefix}/{suffix}", b"", retain=True, protocol=protocol)
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -416,6 +449,23 @@ def ledger_rows(state: Path) -> list[dict[str, Any]]:
         return [dict(zip(cols, r)) for r in cur]
     finally:
         con.close()
+
+
+def inbox_handled(state: Path, topic: str) -> set[str]:
+    """The ``msg_id`` of every message on ``topic`` the daemon recorded in its ledger's inbox."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=10)
+    except sqlite3.OperationalError:
+        return set()
+    try:
+        rows = con.execute("SELECT msg_key FROM inbox WHERE topic = ?", (topic,)).fetchall()
+    except sqlite3.OperationalError:  # no inbox table yet (or an older qcloop)
+        return set()
+    finally:
+        con.close()
+    return {r[0].split("\0")[1] for r in rows if r[0]}
 
 
 def outbox_count(state: Path) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -16,26 +15,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from daemon_helpers import Broker, Recorder, start_daemon, stop_process, wait_until, write_config, write_image
+from daemon_helpers import (Broker, Recorder, inbox_handled, start_daemon, stop_process, wait_until, write_config,
+                            write_image)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 N_COMMANDS = 3000
 N_KILLS = 5
-
-
-def _handled(state: Path, topic: str) -> set[str]:
-    try:
-        con = sqlite3.connect(f"file:{state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=10)
-    except sqlite3.OperationalError:
-        return set()
-    try:
-        rows = con.execute("SELECT msg_key FROM inbox WHERE topic = ?", (topic,)).fetchall()
-    except sqlite3.OperationalError:  # no inbox table (an older qcloop)
-        return set()
-    finally:
-        con.close()
-    return {r[0].split("\0")[1] for r in rows if r[0]}
 
 
 class Sender(threading.Thread):
@@ -84,9 +70,9 @@ def test_item5_kill_9_five_times_while_3000_commands_flow_loses_none(tmp_path: P
         sender.start()
         kills = 0
         while kills < N_KILLS:
-            before = len(_handled(state, topic))
+            before = len(inbox_handled(state, topic))
             # kill at a random moment once this run has handled some commands
-            assert wait_until(lambda: len(_handled(state, topic)) > before + 20, 60), log.read_text()[-3000:]
+            assert wait_until(lambda: len(inbox_handled(state, topic)) > before + 20, 60), log.read_text()[-3000:]
             time.sleep(rng.uniform(0.0, 0.5))
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
@@ -97,11 +83,11 @@ def test_item5_kill_9_five_times_while_3000_commands_flow_loses_none(tmp_path: P
         assert not sender.is_alive()
         acked = set(sender.acked)
         assert len(acked) == N_COMMANDS, "the broker acknowledged every command"
-        assert wait_until(lambda: _handled(state, topic) >= acked, 180), \
-            f"{len(acked - _handled(state, topic))} acknowledged commands lost"
+        assert wait_until(lambda: inbox_handled(state, topic) >= acked, 180), \
+            f"{len(acked - inbox_handled(state, topic))} acknowledged commands lost"
         assert wait_until(lambda: log.read_text().count("qcloop.daemon.service: ready") == N_KILLS + 1, 60)
         assert stop_process(proc) == 0
-        handled = _handled(state, topic)
+        handled = inbox_handled(state, topic)
         assert handled == acked
         batches = rec.on("batches/result")
         assert len({b["msg_id"] for b in batches}) == 1, "batch A closed once, by the first command"
